@@ -1,0 +1,43 @@
+# The two commands a newcomer needs: `make demo` (run a federation) and `make test` (the whole suite).
+# Both build their own virtual environment first.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch goes in before anything that depends on it, so pip cannot pick a multi-GB CUDA build for opacus.
+# Elsewhere, point TORCH_PIP_ARGS at a CPU-only wheel index (e.g. --index-url <your CPU wheel index>).
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: venv test lint typecheck pytest demo broker bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+broker:
+	@bash scripts/ensure-broker.sh
+
+lint: venv
+	$(BIN)/ruff check shared services tests e2e bench scripts
+	$(BIN)/ruff format --check shared services tests e2e bench scripts
+
+typecheck: venv
+	$(BIN)/mypy shared/tessera services
+
+pytest: venv broker
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+demo: venv
+	$(BIN)/python -m tessera.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Tessera: federated learning with DP-SGD and dropout-tolerant secure aggregation."""

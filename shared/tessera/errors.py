@@ -1,0 +1,52 @@
+"""Typed errors, split by whose fault it is (after h11's Local/RemoteProtocolError).
+
+- :class:`ProtocolError`: a *remote* party sent something wrong (malformed bytes, bad signature, wrong
+  round, wrong phase, duplicate...). The message is dropped; the receiving state machine is unchanged and
+  the round goes on where it can. Log it with its ``reason`` and carry on.
+- :class:`LocalUsageError`: *this* process misused an API (called a method in the wrong state, passed a
+  vector of the wrong length). A bug in the caller; fix the call.
+- :class:`ConfigurationError`: a setting that cannot work (e.g. a bit budget that could overflow the ring).
+  Raised at configuration time, before any round starts.
+- :class:`AggregationAborted`: a round could not finish safely (fewer than the threshold of participants
+  left, or a reconstruction that could not be verified). No partial or wrong output exists.
+"""
+
+from __future__ import annotations
+
+
+class TesseraError(Exception):
+    """Base class of every error Tessera raises on purpose."""
+
+
+class ProtocolError(TesseraError):
+    """A remote party sent something wrong; the message was rejected and nothing changed."""
+
+    def __init__(self, reason: str, *, sender: int | str | None = None) -> None:
+        self.reason = reason
+        self.sender = sender
+        super().__init__(reason if sender is None else f"{reason} (from {sender})")
+
+
+class LocalUsageError(TesseraError):
+    """This process called an API wrongly (wrong state, wrong argument)."""
+
+
+class ConfigurationError(TesseraError, ValueError):
+    """A configuration value cannot work; raised before anything starts."""
+
+
+class AggregationAborted(TesseraError):
+    """The aggregation stopped without output (below threshold, or unverifiable reconstruction)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+__all__ = [
+    "AggregationAborted",
+    "ConfigurationError",
+    "LocalUsageError",
+    "ProtocolError",
+    "TesseraError",
+]
