@@ -1,0 +1,255 @@
+"""Cryptographic recipes for Tessera; the only module that imports ``Crypto.*`` (pycryptodome).
+
+Recipes, not primitives (after pyca/cryptography's layering):
+
+- :class:`SigningKey` / :func:`verify_signature` -- Ed25519 (RFC 8032) long-term identity keys.
+- :class:`AgreementKey` -- X25519 (RFC 7748) key pairs; :meth:`AgreementKey.derive` runs the agreement and
+  HKDF-SHA256 in one step, so a raw shared secret never leaves this module and every derived key is bound
+  to a caller-supplied context and purpose.
+- :func:`seal` / :func:`open_sealed` -- ChaCha20-Poly1305 with *mandatory* associated data.
+- :func:`mask_stream` -- the PRG of SECAGG.md: an AES-256-CTR keystream keyed by the full 32-byte seed,
+  read as little-endian uint32/uint64. Never a non-cryptographic generator, never a folded seed.
+- :func:`commit` -- a SHA-256 hash commitment (hiding because what we commit to is 32 random bytes).
+
+Every verification or decryption failure raises the single :class:`CryptoFailure`, so no detail of *why* it
+failed leaks to a caller that might forward it.
+
+Randomness is a parameter everywhere (``rand(n) -> n bytes``), defaulting to the OS CSPRNG, so protocol tests
+can be deterministic without weakening production code.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from Crypto.Cipher import AES, ChaCha20_Poly1305
+from Crypto.Hash import SHA256
+from Crypto.Protocol import DH
+from Crypto.Protocol.KDF import HKDF
+from Crypto.PublicKey.ECC import EccKey
+from Crypto.Signature import eddsa
+
+RandomSource = Callable[[int], bytes]
+"""``rand(n)`` returns ``n`` bytes; must be a CSPRNG outside tests."""
+
+KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+NONCE_BYTES = 12
+TAG_BYTES = 16
+SEAL_OVERHEAD = NONCE_BYTES + TAG_BYTES
+
+
+def system_random(n: int) -> bytes:
+    """The operating system's CSPRNG."""
+    return secrets.token_bytes(n)
+
+
+class CryptoFailure(Exception):
+    """A signature, ciphertext or key did not verify. Deliberately carries no detail."""
+
+
+def _check_len(name: str, value: bytes, expected: int) -> None:
+    if not isinstance(value, bytes | bytearray) or len(value) != expected:
+        raise CryptoFailure(f"{name} must be {expected} bytes")
+
+
+# --- identity keys (Ed25519) -------------------------------------------------------------------------------
+
+
+class SigningKey:
+    """A long-term Ed25519 identity key. Its public half goes in the federation's roster."""
+
+    __slots__ = ("_key", "_seed", "public_bytes")
+
+    def __init__(self, seed: bytes) -> None:
+        if len(seed) != KEY_BYTES:
+            raise ValueError("an Ed25519 private key is 32 bytes")
+        self._seed = bytes(seed)
+        self._key = eddsa.import_private_key(self._seed)
+        self.public_bytes: bytes = self._key.public_key().export_key(format="raw")
+
+    @classmethod
+    def generate(cls, rand: RandomSource = system_random) -> SigningKey:
+        return cls(rand(KEY_BYTES))
+
+    def private_bytes(self) -> bytes:
+        return self._seed
+
+    def sign(self, message: bytes) -> bytes:
+        signature: bytes = eddsa.new(self._key, "rfc8032").sign(message)
+        return signature
+
+
+def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> None:
+    """Raise :class:`CryptoFailure` unless ``signature`` is ``public_key``'s Ed25519 signature of ``message``."""
+    _check_len("public key", public_key, KEY_BYTES)
+    _check_len("signature", signature, SIGNATURE_BYTES)
+    try:
+        key = eddsa.import_public_key(public_key)
+        eddsa.new(key, "rfc8032").verify(message, signature)
+    except (ValueError, TypeError) as exc:
+        raise CryptoFailure("signature does not verify") from exc
+
+
+# --- key agreement (X25519 + HKDF-SHA256) ------------------------------------------------------------------
+
+
+def hkdf(secret: bytes, *, context: bytes, purpose: bytes, length: int = KEY_BYTES) -> bytes:
+    """HKDF-SHA256 with the context as salt and the purpose as info (RFC 5869)."""
+    out = HKDF(secret, length, salt=SHA256.new(context).digest(), hashmod=SHA256, context=purpose)
+    assert isinstance(out, bytes)
+    return out
+
+
+class AgreementKey:
+    """An X25519 key pair, fresh for every aggregation (SECAGG.md phase 0)."""
+
+    __slots__ = ("_key", "_private", "public_bytes")
+
+    def __init__(self, private: bytes) -> None:
+        if len(private) != KEY_BYTES:
+            raise ValueError("an X25519 private key is 32 bytes")
+        self._private = bytes(private)
+        self._key: EccKey = DH.import_x25519_private_key(self._private)
+        self.public_bytes: bytes = self._key.public_key().export_key(format="raw")
+
+    @classmethod
+    def generate(cls, rand: RandomSource = system_random) -> AgreementKey:
+        return cls(rand(KEY_BYTES))
+
+    @classmethod
+    def from_private_bytes(cls, private: bytes) -> AgreementKey:
+        """Rebuild a key pair, e.g. one reconstructed from Shamir shares; raises CryptoFailure if malformed."""
+        try:
+            return cls(private)
+        except ValueError as exc:
+            raise CryptoFailure("not an X25519 private key") from exc
+
+    def private_bytes(self) -> bytes:
+        return self._private
+
+    def derive(self, peer_public: bytes, *, context: bytes, purpose: bytes) -> bytes:
+        """X25519 with ``peer_public``, then HKDF bound to ``context`` and ``purpose``: a 32-byte key.
+
+        Raises :class:`CryptoFailure` for a malformed or low-order peer key (RFC 7748 section 6.1).
+        """
+        _check_len("X25519 public key", peer_public, KEY_BYTES)
+        try:
+            peer = DH.import_x25519_public_key(peer_public)
+            shared = DH.key_agreement(static_priv=self._key, static_pub=peer, kdf=lambda z: z)
+        except ValueError as exc:
+            raise CryptoFailure("key agreement failed") from exc
+        assert isinstance(shared, bytes)
+        if hmac.compare_digest(shared, bytes(KEY_BYTES)):
+            raise CryptoFailure("key agreement failed")
+        return hkdf(shared, context=context, purpose=purpose)
+
+
+def public_key_matches(private: bytes, expected_public: bytes) -> bool:
+    """Whether an X25519 private key belongs to ``expected_public`` (checks a Shamir reconstruction)."""
+    try:
+        key = AgreementKey.from_private_bytes(private)
+    except CryptoFailure:
+        return False
+    return hmac.compare_digest(key.public_bytes, expected_public)
+
+
+# --- authenticated encryption --------------------------------------------------------------------------------
+
+
+def seal(key: bytes, plaintext: bytes, *, associated_data: bytes, rand: RandomSource = system_random) -> bytes:
+    """ChaCha20-Poly1305: returns nonce || ciphertext || tag. The associated data is mandatory."""
+    if len(key) != KEY_BYTES:
+        raise ValueError("an AEAD key is 32 bytes")
+    nonce = rand(NONCE_BYTES)
+    cipher = ChaCha20_Poly1305.new(key=key, nonce=nonce)
+    cipher.update(associated_data)
+    ciphertext, tag = cipher.encrypt_and_digest(plaintext)
+    return nonce + ciphertext + tag
+
+
+def open_sealed(key: bytes, sealed: bytes, *, associated_data: bytes) -> bytes:
+    """Inverse of :func:`seal`; raises :class:`CryptoFailure` for any tampering or wrong key/data."""
+    if len(key) != KEY_BYTES:
+        raise ValueError("an AEAD key is 32 bytes")
+    if len(sealed) < SEAL_OVERHEAD:
+        raise CryptoFailure("ciphertext does not verify")
+    nonce, body, tag = sealed[:NONCE_BYTES], sealed[NONCE_BYTES:-TAG_BYTES], sealed[-TAG_BYTES:]
+    cipher = ChaCha20_Poly1305.new(key=key, nonce=nonce)
+    cipher.update(associated_data)
+    try:
+        plaintext: bytes = cipher.decrypt_and_verify(body, tag)
+    except ValueError as exc:
+        raise CryptoFailure("ciphertext does not verify") from exc
+    return plaintext
+
+
+# --- masks and commitments -----------------------------------------------------------------------------------
+
+RingBits = Literal[32, 64]
+
+
+def ring_dtype(ring_bits: RingBits) -> type[np.unsignedinteger[npt.NBitBase]]:
+    return np.uint32 if ring_bits == 32 else np.uint64
+
+
+def mask_stream(seed: bytes, length: int, ring_bits: RingBits) -> npt.NDArray[np.unsignedinteger[npt.NBitBase]]:
+    """``length`` uniform elements of Z_(2^ring_bits) from an AES-256-CTR keystream keyed by ``seed``.
+
+    The 32-byte seed is used whole as the AES key; each seed is used for exactly one stream, so a fixed
+    (zero) counter block is safe. Uniform because 2^ring_bits divides 2^8k: no modular bias.
+    """
+    if len(seed) != KEY_BYTES:
+        raise ValueError("a mask seed is 32 bytes")
+    width = ring_bits // 8
+    buffer = bytearray(length * width)
+    AES.new(seed, AES.MODE_CTR, nonce=b"", initial_value=0).encrypt(bytes(len(buffer)), output=buffer)
+    dtype = np.dtype("<u4") if ring_bits == 32 else np.dtype("<u8")
+    return np.frombuffer(buffer, dtype=dtype)
+
+
+def commit(value: bytes, *, context: bytes) -> bytes:
+    """SHA-256 commitment to ``value`` bound to ``context``."""
+    digest = SHA256.new(b"tessera-commit-v1\x00" + context + value).digest()
+    assert isinstance(digest, bytes)
+    return digest
+
+
+def digest(data: bytes) -> bytes:
+    """SHA-256 of ``data``."""
+    out = SHA256.new(data).digest()
+    assert isinstance(out, bytes)
+    return out
+
+
+def secure_equal(a: bytes, b: bytes) -> bool:
+    """Constant-time comparison of two byte strings."""
+    return hmac.compare_digest(a, b)
+
+
+__all__ = [
+    "KEY_BYTES",
+    "SEAL_OVERHEAD",
+    "SIGNATURE_BYTES",
+    "AgreementKey",
+    "CryptoFailure",
+    "RandomSource",
+    "RingBits",
+    "SigningKey",
+    "commit",
+    "digest",
+    "hkdf",
+    "mask_stream",
+    "open_sealed",
+    "public_key_matches",
+    "ring_dtype",
+    "seal",
+    "secure_equal",
+    "system_random",
+    "verify_signature",
+]

@@ -1,0 +1,426 @@
+"""The curator's side of secure aggregation as a sans-I/O state machine (SECAGG.md).
+
+    phase          waits for (from)                   closes when                 then sends (to)
+    -------------  ---------------------------------  --------------------------  -----------------------------
+    ADVERTISE      AdvertiseKeys (invited)            all arrived or deadline     AdvertisedKeys (U1)
+    SHARE          EncryptedShares (U1)               all arrived or deadline     ForwardedShares (each of U2)
+    MASKED_INPUT   MaskedInput (U2)                   all arrived or deadline     SurvivorList (U3)
+    CONSISTENCY    ConsistencySignature (U3)          all arrived or deadline     UnmaskRequest (each of U4)
+    UNMASK         UnmaskShares (U4)                  all arrived or deadline     -> DONE with the sum
+
+Whenever a phase closes with fewer than ``threshold`` senders, the session moves to ABORTED and sends
+:class:`Abort` to every invited participant: no partial or wrong sum ever exists. Reconstructions are verified
+(commitment for b_u, public key for s_u); a bad share is routed around when more than t shares are at hand,
+and an unverifiable reconstruction aborts.
+
+``receive(sender, message, now)`` takes the *authenticated* sender (RabbitMQ's ``user_id`` mapped to a roster
+index by the transport). A message that does not fit raises :class:`ProtocolError` and changes nothing.
+Time comes in as ``now`` (seconds, any monotonic origin); ``poll(now)`` closes a phase whose deadline passed.
+Masked inputs are summed on arrival, so memory stays at one vector whatever n is.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tessera.crypto import KEY_BYTES, SEAL_OVERHEAD, SIGNATURE_BYTES, AgreementKey, CryptoFailure, verify_signature
+from tessera.errors import LocalUsageError, ProtocolError
+from tessera.secagg._common import (
+    SHARE_PLAINTEXT_BYTES,
+    add_pairwise_mask,
+    add_self_mask,
+    pairwise_seed,
+    seed_commitment,
+)
+from tessera.secagg.config import AggregationConfig, Roster, neighbourhoods
+from tessera.secagg.messages import (
+    Abort,
+    AdvertisedKeys,
+    AdvertiseKeys,
+    ConsistencyProof,
+    ConsistencySignature,
+    CuratorMessage,
+    EncryptedShare,
+    EncryptedShares,
+    ForwardedShares,
+    MaskedInput,
+    ParticipantMessage,
+    RingVector,
+    StartAggregation,
+    SurvivorList,
+    UnmaskRequest,
+    UnmaskShares,
+    advertisement_signed_bytes,
+    consistency_signed_bytes,
+)
+from tessera.secagg.shamir import LagrangeCache, ReconstructionFailed, decode_share, reconstruct_verified
+from tessera.crypto import public_key_matches, secure_equal
+
+
+class CuratorPhase(enum.Enum):
+    ADVERTISE = "advertise"
+    SHARE = "share"
+    MASKED_INPUT = "masked_input"
+    CONSISTENCY = "consistency"
+    UNMASK = "unmask"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+_EXPECTED: dict[CuratorPhase, type] = {
+    CuratorPhase.ADVERTISE: AdvertiseKeys,
+    CuratorPhase.SHARE: EncryptedShares,
+    CuratorPhase.MASKED_INPUT: MaskedInput,
+    CuratorPhase.CONSISTENCY: ConsistencySignature,
+    CuratorPhase.UNMASK: UnmaskShares,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhaseTimeouts:
+    """Seconds each phase waits for stragglers before closing with whoever answered."""
+
+    advertise: float = 30.0
+    share: float = 30.0
+    masked_input: float = 60.0
+    consistency: float = 30.0
+    unmask: float = 30.0
+
+    def for_phase(self, phase: CuratorPhase) -> float:
+        return float(getattr(self, phase.value))
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to send to each of ``recipients`` (roster indices)."""
+
+    recipients: tuple[int, ...]
+    message: CuratorMessage
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class AggregationResult:
+    """The output of a completed aggregation: the sum over ``survivors`` and who took part where."""
+
+    total: RingVector
+    advertised: frozenset[int]  # U1
+    shared: frozenset[int]  # U2
+    survivors: frozenset[int]  # U3: exactly whose inputs are in ``total``
+    signed: frozenset[int]  # U4
+    responded: frozenset[int]  # U5
+    bad_share_senders: frozenset[int] = field(default_factory=frozenset)
+
+
+class CuratorSession:
+    """The curator in one aggregation. Create, call :meth:`start`, then feed :meth:`receive` and :meth:`poll`."""
+
+    def __init__(
+        self,
+        *,
+        config: AggregationConfig,
+        roster: Roster,
+        timeouts: PhaseTimeouts | None = None,
+    ) -> None:
+        missing = [u for u in config.participants if u not in roster]
+        if missing:
+            raise LocalUsageError(f"participants {missing} are not in the roster")
+        self.config = config
+        self._roster = roster
+        self._timeouts = timeouts or PhaseTimeouts()
+        self.phase = CuratorPhase.ADVERTISE
+        self.next_deadline: float | None = None
+        self.result: AggregationResult | None = None
+        self.abort_reason: str | None = None
+        self._started = False
+        self._adverts: dict[int, AdvertiseKeys] = {}
+        self._neighbours: dict[int, frozenset[int]] = {}
+        self._ciphertexts: dict[int, tuple[EncryptedShare, ...]] = {}
+        self._masked_from: set[int] = set()
+        self._total = np.zeros(config.vector_length, dtype=np.uint32 if config.ring_bits == 32 else np.uint64)
+        self._survivors: tuple[int, ...] = ()
+        self._signatures: dict[int, bytes] = {}
+        self._requested: dict[int, tuple[frozenset[int], frozenset[int]]] = {}
+        self._seed_shares: dict[int, dict[int, int]] = {}  # owner -> holder -> share of b_owner
+        self._key_shares: dict[int, dict[int, int]] = {}  # owner -> holder -> share of s_owner
+        self._responded: set[int] = set()
+
+    # --- driving ----------------------------------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Outgoing]:
+        """Invite the participants (phase 0)."""
+        if self._started:
+            raise LocalUsageError("the aggregation has already started")
+        self._started = True
+        self.next_deadline = now + self._timeouts.advertise
+        return [Outgoing(self.config.participants, StartAggregation(config=self.config))]
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in (CuratorPhase.DONE, CuratorPhase.ABORTED)
+
+    def expected_senders(self) -> frozenset[int]:
+        """Who the current phase is waiting for."""
+        if self.phase is CuratorPhase.ADVERTISE:
+            return frozenset(self.config.participants)
+        if self.phase is CuratorPhase.SHARE:
+            return frozenset(self._adverts)
+        if self.phase is CuratorPhase.MASKED_INPUT:
+            return frozenset(self._ciphertexts)
+        if self.phase is CuratorPhase.CONSISTENCY:
+            return frozenset(self._survivors)
+        if self.phase is CuratorPhase.UNMASK:
+            return frozenset(self._requested)
+        return frozenset()
+
+    def received_from(self) -> frozenset[int]:
+        """Who has answered in the current phase."""
+        answered: dict[CuratorPhase, Callable[[], frozenset[int]]] = {
+            CuratorPhase.ADVERTISE: lambda: frozenset(self._adverts),
+            CuratorPhase.SHARE: lambda: frozenset(self._ciphertexts),
+            CuratorPhase.MASKED_INPUT: lambda: frozenset(self._masked_from),
+            CuratorPhase.CONSISTENCY: lambda: frozenset(self._signatures),
+            CuratorPhase.UNMASK: lambda: frozenset(self._responded),
+        }
+        return answered[self.phase]() if self.phase in answered else frozenset()
+
+    def receive(self, sender: int, message: ParticipantMessage, now: float) -> list[Outgoing]:
+        """Take one message from authenticated participant ``sender``; raises ProtocolError if it does not fit."""
+        if not self._started:
+            raise LocalUsageError("call start() first")
+        if sender not in self._roster:
+            raise ProtocolError("sender is not in the roster", sender=sender)
+        if message.sender != sender:
+            raise ProtocolError(f"message claims to come from {message.sender}", sender=sender)
+        if message.ids != self.config.ids:
+            raise ProtocolError(f"message is for {message.ids}, not {self.config.ids}", sender=sender)
+        if self.finished:
+            raise ProtocolError(f"aggregation is already {self.phase.value}", sender=sender)
+        expected_type = _EXPECTED[self.phase]
+        if not isinstance(message, expected_type):
+            raise ProtocolError(
+                f"{type(message).__name__} is not accepted in phase {self.phase.value}", sender=sender
+            )
+        if sender not in self.expected_senders():
+            raise ProtocolError(f"not a participant of phase {self.phase.value}", sender=sender)
+        if sender in self.received_from():
+            raise ProtocolError(f"duplicate {type(message).__name__}", sender=sender)
+        self._HANDLERS[self.phase](self, sender, message)
+        if self.received_from() >= self.expected_senders():
+            return self._close_phase(now)
+        return []
+
+    def poll(self, now: float) -> list[Outgoing]:
+        """Close the current phase if its deadline has passed."""
+        if self.finished or self.next_deadline is None or now < self.next_deadline:
+            return []
+        return self._close_phase(now)
+
+    # --- handlers: validate everything, then store ------------------------------------------------------------
+
+    def _on_advertise(self, sender: int, message: AdvertiseKeys) -> None:
+        if not (len(message.encryption_key) == len(message.masking_key) == len(message.commitment) == KEY_BYTES):
+            raise ProtocolError("advertised keys and commitment must be 32 bytes each", sender=sender)
+        signed = advertisement_signed_bytes(
+            message.ids, sender, message.encryption_key, message.masking_key, message.commitment
+        )
+        try:
+            verify_signature(self._roster.key(sender), signed, message.signature)
+        except CryptoFailure as exc:
+            raise ProtocolError("advertisement signature does not verify", sender=sender) from exc
+        self._adverts[sender] = message
+
+    def _on_share(self, sender: int, message: EncryptedShares) -> None:
+        recipients = [item.peer for item in message.shares]
+        wanted = self._neighbours[sender]
+        if len(recipients) != len(set(recipients)) or set(recipients) != wanted:
+            raise ProtocolError(
+                f"shares must go to exactly its {len(wanted)} holders, once each", sender=sender
+            )
+        expected_len = SHARE_PLAINTEXT_BYTES + SEAL_OVERHEAD
+        if any(len(item.ciphertext) != expected_len for item in message.shares):
+            raise ProtocolError(f"each share ciphertext must be {expected_len} bytes", sender=sender)
+        self._ciphertexts[sender] = message.shares
+
+    def _on_masked(self, sender: int, message: MaskedInput) -> None:
+        vector = message.vector
+        if vector.ndim != 1 or vector.dtype != self._total.dtype or vector.shape[0] != self.config.vector_length:
+            raise ProtocolError(
+                f"masked input must be {self.config.vector_length} elements of Z_2^{self.config.ring_bits}",
+                sender=sender,
+            )
+        np.add(self._total, vector, out=self._total)
+        self._masked_from.add(sender)
+
+    def _on_consistency(self, sender: int, message: ConsistencySignature) -> None:
+        if len(message.signature) != SIGNATURE_BYTES:
+            raise ProtocolError("consistency signature is malformed", sender=sender)
+        try:
+            verify_signature(
+                self._roster.key(sender), consistency_signed_bytes(self.config.ids, self._survivors), message.signature
+            )
+        except CryptoFailure as exc:
+            raise ProtocolError("consistency signature does not verify over U3", sender=sender) from exc
+        self._signatures[sender] = message.signature
+
+    def _on_unmask(self, sender: int, message: UnmaskShares) -> None:
+        want_seeds, want_keys = self._requested[sender]
+        seed_owners = [item.owner for item in message.self_mask_shares]
+        key_owners = [item.owner for item in message.key_shares]
+        if len(set(seed_owners)) != len(seed_owners) or len(set(key_owners)) != len(key_owners):
+            raise ProtocolError("a share is revealed twice", sender=sender)
+        if not set(seed_owners) <= want_seeds or not set(key_owners) <= want_keys:
+            raise ProtocolError("revealed shares that were not asked for", sender=sender)
+        try:
+            seeds = {item.owner: decode_share(item.share) for item in message.self_mask_shares}
+            keys = {item.owner: decode_share(item.share) for item in message.key_shares}
+        except ValueError as exc:
+            raise ProtocolError(f"malformed share: {exc}", sender=sender) from exc
+        for owner, value in seeds.items():
+            self._seed_shares.setdefault(owner, {})[sender] = value
+        for owner, value in keys.items():
+            self._key_shares.setdefault(owner, {})[sender] = value
+        self._responded.add(sender)
+
+    _HANDLERS: dict[CuratorPhase, Callable[[CuratorSession, int, ParticipantMessage], None]] = {
+        CuratorPhase.ADVERTISE: _on_advertise,  # type: ignore[dict-item]
+        CuratorPhase.SHARE: _on_share,  # type: ignore[dict-item]
+        CuratorPhase.MASKED_INPUT: _on_masked,  # type: ignore[dict-item]
+        CuratorPhase.CONSISTENCY: _on_consistency,  # type: ignore[dict-item]
+        CuratorPhase.UNMASK: _on_unmask,  # type: ignore[dict-item]
+    }
+
+    # --- phase transitions ------------------------------------------------------------------------------------
+
+    def _close_phase(self, now: float) -> list[Outgoing]:
+        answered = self.received_from()
+        if len(answered) < self.config.threshold:
+            return self._abort(
+                f"phase {self.phase.value}: {len(answered)} participants answered, threshold is {self.config.threshold}"
+            )
+        closing = self.phase
+        if closing is CuratorPhase.ADVERTISE:
+            out = self._after_advertise()
+        elif closing is CuratorPhase.SHARE:
+            out = self._after_share()
+        elif closing is CuratorPhase.MASKED_INPUT:
+            out = self._after_masked()
+        elif closing is CuratorPhase.CONSISTENCY:
+            out = self._after_consistency()
+        else:
+            return self._after_unmask()
+        if not self.finished:
+            self.next_deadline = now + self._timeouts.for_phase(self.phase)
+        return out
+
+    def _after_advertise(self) -> list[Outgoing]:
+        self._neighbours = neighbourhoods(self.config, self._adverts)
+        adverts = tuple(self._adverts[u] for u in sorted(self._adverts))
+        self.phase = CuratorPhase.SHARE
+        return [Outgoing(tuple(sorted(self._adverts)), AdvertisedKeys(ids=self.config.ids, advertisements=adverts))]
+
+    def _after_share(self) -> list[Outgoing]:
+        inbox: dict[int, list[EncryptedShare]] = {v: [] for v in self._ciphertexts}
+        for u in sorted(self._ciphertexts):
+            for item in self._ciphertexts[u]:
+                if item.peer in inbox:
+                    inbox[item.peer].append(EncryptedShare(peer=u, ciphertext=item.ciphertext))
+        self.phase = CuratorPhase.MASKED_INPUT
+        return [
+            Outgoing((v,), ForwardedShares(ids=self.config.ids, shares=tuple(items))) for v, items in inbox.items()
+        ]
+
+    def _after_masked(self) -> list[Outgoing]:
+        self._survivors = tuple(sorted(self._masked_from))
+        self.phase = CuratorPhase.CONSISTENCY
+        return [Outgoing(self._survivors, SurvivorList(ids=self.config.ids, survivors=self._survivors))]
+
+    def _after_consistency(self) -> list[Outgoing]:
+        proofs = tuple(ConsistencyProof(signer=u, signature=self._signatures[u]) for u in sorted(self._signatures))
+        survivors = set(self._survivors)
+        shared = set(self._ciphertexts)
+        out = []
+        for v in sorted(self._signatures):
+            # v holds shares of itself and of every neighbour that shared (U2).
+            owners = (self._neighbours[v] & shared) | {v}
+            seeds = frozenset(owners & survivors)
+            keys = frozenset(owners - survivors)
+            self._requested[v] = (seeds, keys)
+            request = UnmaskRequest(
+                ids=self.config.ids,
+                survivors=self._survivors,
+                signatures=proofs,
+                reveal_self_mask_of=tuple(sorted(seeds)),
+                reveal_key_of=tuple(sorted(keys)),
+            )
+            out.append(Outgoing((v,), request))
+        self.phase = CuratorPhase.UNMASK
+        return out
+
+    def _after_unmask(self) -> list[Outgoing]:
+        config = self.config
+        threshold = config.share_threshold(len(self._adverts))
+        cache = LagrangeCache()
+        suspects: set[int] = set()
+        total = self._total
+        try:
+            for u in self._survivors:
+                advert = self._adverts[u]
+                seed, bad = reconstruct_verified(
+                    self._seed_shares.get(u, {}),
+                    threshold=threshold,
+                    check=lambda s, u=u, c=advert.commitment: secure_equal(seed_commitment(s, config.ids, u), c),
+                    cache=cache,
+                    suspects=suspects,
+                )
+                suspects |= bad
+                add_self_mask(total, seed, config.ids, u, config.ring_bits, -1)
+            dropped = sorted(set(self._ciphertexts) - set(self._survivors))
+            for u in dropped:
+                advert = self._adverts[u]
+                private, bad = reconstruct_verified(
+                    self._key_shares.get(u, {}),
+                    threshold=threshold,
+                    check=lambda s, k=advert.masking_key: public_key_matches(s, k),
+                    cache=cache,
+                    suspects=suspects,
+                )
+                suspects |= bad
+                key = AgreementKey.from_private_bytes(private)
+                for v in sorted(self._neighbours[u] & set(self._survivors)):
+                    seed = pairwise_seed(key, self._adverts[v].masking_key, config.ids, u, v)
+                    # Survivor v added p_vu = -p_uv; adding p_uv removes it.
+                    add_pairwise_mask(total, seed, own=u, peer=v, ring_bits=config.ring_bits)
+        except (ReconstructionFailed, CryptoFailure) as exc:
+            return self._abort(f"unmasking failed: {exc}")
+        self.result = AggregationResult(
+            total=total,
+            advertised=frozenset(self._adverts),
+            shared=frozenset(self._ciphertexts),
+            survivors=frozenset(self._survivors),
+            signed=frozenset(self._signatures),
+            responded=frozenset(self._responded),
+            bad_share_senders=frozenset(suspects),
+        )
+        self.phase = CuratorPhase.DONE
+        self.next_deadline = None
+        return []
+
+    def _abort(self, reason: str) -> list[Outgoing]:
+        self.phase = CuratorPhase.ABORTED
+        self.abort_reason = reason
+        self.next_deadline = None
+        self._total = self._total[:0]
+        return [Outgoing(self.config.participants, Abort(ids=self.config.ids, reason=reason))]
+
+    # --- introspection for tests and logs ---------------------------------------------------------------------
+
+    @property
+    def neighbours(self) -> Mapping[int, frozenset[int]]:
+        return self._neighbours
+
+
+__all__ = ["AggregationResult", "CuratorPhase", "CuratorSession", "Outgoing", "PhaseTimeouts"]
