@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint typecheck pytest demo broker bench clean
+.PHONY: venv test lint typecheck pytest demo broker helm bench clean
 
 venv: $(VENV)/.installed
 
@@ -24,6 +24,9 @@ $(VENV)/.installed: pyproject.toml
 broker:
 	@bash scripts/ensure-broker.sh
 
+helm:
+	@bash scripts/install-helm.sh
+
 lint: venv
 	$(BIN)/ruff check shared services tests e2e bench scripts
 	$(BIN)/ruff format --check shared services tests e2e bench scripts
@@ -31,7 +34,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy shared/tessera services
 
-pytest: venv broker
+pytest: venv broker helm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

@@ -28,7 +28,11 @@ def share_associated_data(ids: SessionIds, sender: int, recipient: int) -> bytes
 
 
 def encode_share_plaintext(owner: int, holder: int, key_share: int, seed_share: int) -> bytes:
-    return _pair(owner, holder) + key_share.to_bytes(SHARE_BYTES, "big") + seed_share.to_bytes(SHARE_BYTES, "big")
+    return (
+        _pair(owner, holder)
+        + key_share.to_bytes(SHARE_BYTES, "big")
+        + seed_share.to_bytes(SHARE_BYTES, "big")
+    )
 
 
 def pairwise_seed(own: AgreementKey, peer_public: bytes, ids: SessionIds, u: int, v: int) -> bytes:
@@ -53,7 +57,9 @@ def add_pairwise_mask(acc: RingVector, seed: bytes, *, own: int, peer: int, ring
         np.subtract(acc, stream, out=acc)
 
 
-def add_self_mask(acc: RingVector, seed: bytes, ids: SessionIds, owner: int, ring_bits: RingBits, sign: int) -> None:
+def add_self_mask(
+    acc: RingVector, seed: bytes, ids: SessionIds, owner: int, ring_bits: RingBits, sign: int
+) -> None:
     stream = mask_stream(self_mask_seed(seed, ids, owner), acc.shape[0], ring_bits)
     if sign > 0:
         np.add(acc, stream, out=acc)

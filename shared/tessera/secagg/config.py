@@ -53,7 +53,13 @@ class SessionIds:
         """Canonical, unambiguous bytes of the ids (length-prefixed), used as signing/KDF context."""
         fed = self.federation.encode()
         agg = self.aggregation.encode()
-        return b"tessera-secagg-v1" + struct.pack(">B", len(fed)) + fed + struct.pack(">QB", self.round, len(agg)) + agg
+        return (
+            b"tessera-secagg-v1"
+            + struct.pack(">B", len(fed))
+            + fed
+            + struct.pack(">QB", self.round, len(agg))
+            + agg
+        )
 
     def __str__(self) -> str:
         return f"{self.federation}/{self.round}/{self.aggregation}"
@@ -128,7 +134,9 @@ class AggregationConfig:
                 f"threshold {self.threshold} must be between floor(n/2)+1 = {minimum_threshold(n)} and n = {n}"
             )
         if not 1 <= self.vector_length <= MAX_VECTOR_LENGTH:
-            raise ConfigurationError(f"vector_length {self.vector_length} must be in [1, {MAX_VECTOR_LENGTH}]")
+            raise ConfigurationError(
+                f"vector_length {self.vector_length} must be in [1, {MAX_VECTOR_LENGTH}]"
+            )
         if self.ring_bits not in (32, 64):
             raise ConfigurationError(f"ring_bits {self.ring_bits} must be 32 or 64")
         if len(self.graph_seed) != KEY_BYTES:
@@ -213,10 +221,14 @@ class ParticipantPolicy:
                 f"vector_length {config.vector_length} differs from this participant's {self.vector_length}"
             )
         if config.ring_bits != self.ring_bits:
-            raise ConfigurationError(f"ring_bits {config.ring_bits} differs from this participant's {self.ring_bits}")
+            raise ConfigurationError(
+                f"ring_bits {config.ring_bits} differs from this participant's {self.ring_bits}"
+            )
         floor = self.min_threshold if self.min_threshold is not None else minimum_threshold(config.n)
         if config.threshold < floor:
-            raise ConfigurationError(f"threshold {config.threshold} is below this participant's minimum {floor}")
+            raise ConfigurationError(
+                f"threshold {config.threshold} is below this participant's minimum {floor}"
+            )
         if config.graph is Graph.SPARSE and not self.allow_sparse:
             raise ConfigurationError("this participant does not accept the sparse (SecAgg+) graph")
 

@@ -24,10 +24,21 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
-from tessera.crypto import KEY_BYTES, SEAL_OVERHEAD, SIGNATURE_BYTES, AgreementKey, CryptoFailure, verify_signature
+from tessera.crypto import (
+    KEY_BYTES,
+    SEAL_OVERHEAD,
+    SIGNATURE_BYTES,
+    AgreementKey,
+    CryptoFailure,
+    public_key_matches,
+    ring_dtype,
+    secure_equal,
+    verify_signature,
+)
 from tessera.errors import LocalUsageError, ProtocolError
 from tessera.secagg._common import (
     SHARE_PLAINTEXT_BYTES,
@@ -58,7 +69,6 @@ from tessera.secagg.messages import (
     consistency_signed_bytes,
 )
 from tessera.secagg.shamir import LagrangeCache, ReconstructionFailed, decode_share, reconstruct_verified
-from tessera.crypto import public_key_matches, secure_equal
 
 
 class CuratorPhase(enum.Enum):
@@ -140,7 +150,7 @@ class CuratorSession:
         self._neighbours: dict[int, frozenset[int]] = {}
         self._ciphertexts: dict[int, tuple[EncryptedShare, ...]] = {}
         self._masked_from: set[int] = set()
-        self._total = np.zeros(config.vector_length, dtype=np.uint32 if config.ring_bits == 32 else np.uint64)
+        self._total: RingVector = np.zeros(config.vector_length, dtype=ring_dtype(config.ring_bits))
         self._survivors: tuple[int, ...] = ()
         self._signatures: dict[int, bytes] = {}
         self._requested: dict[int, tuple[frozenset[int], frozenset[int]]] = {}
@@ -222,7 +232,9 @@ class CuratorSession:
     # --- handlers: validate everything, then store ------------------------------------------------------------
 
     def _on_advertise(self, sender: int, message: AdvertiseKeys) -> None:
-        if not (len(message.encryption_key) == len(message.masking_key) == len(message.commitment) == KEY_BYTES):
+        if not (
+            len(message.encryption_key) == len(message.masking_key) == len(message.commitment) == KEY_BYTES
+        ):
             raise ProtocolError("advertised keys and commitment must be 32 bytes each", sender=sender)
         signed = advertisement_signed_bytes(
             message.ids, sender, message.encryption_key, message.masking_key, message.commitment
@@ -247,7 +259,11 @@ class CuratorSession:
 
     def _on_masked(self, sender: int, message: MaskedInput) -> None:
         vector = message.vector
-        if vector.ndim != 1 or vector.dtype != self._total.dtype or vector.shape[0] != self.config.vector_length:
+        if (
+            vector.ndim != 1
+            or vector.dtype != self._total.dtype
+            or vector.shape[0] != self.config.vector_length
+        ):
             raise ProtocolError(
                 f"masked input must be {self.config.vector_length} elements of Z_2^{self.config.ring_bits}",
                 sender=sender,
@@ -260,7 +276,9 @@ class CuratorSession:
             raise ProtocolError("consistency signature is malformed", sender=sender)
         try:
             verify_signature(
-                self._roster.key(sender), consistency_signed_bytes(self.config.ids, self._survivors), message.signature
+                self._roster.key(sender),
+                consistency_signed_bytes(self.config.ids, self._survivors),
+                message.signature,
             )
         except CryptoFailure as exc:
             raise ProtocolError("consistency signature does not verify over U3", sender=sender) from exc
@@ -285,7 +303,7 @@ class CuratorSession:
             self._key_shares.setdefault(owner, {})[sender] = value
         self._responded.add(sender)
 
-    _HANDLERS: dict[CuratorPhase, Callable[[CuratorSession, int, ParticipantMessage], None]] = {
+    _HANDLERS: ClassVar[dict[CuratorPhase, Callable[[CuratorSession, int, ParticipantMessage], None]]] = {
         CuratorPhase.ADVERTISE: _on_advertise,  # type: ignore[dict-item]
         CuratorPhase.SHARE: _on_share,  # type: ignore[dict-item]
         CuratorPhase.MASKED_INPUT: _on_masked,  # type: ignore[dict-item]
@@ -320,7 +338,11 @@ class CuratorSession:
         self._neighbours = neighbourhoods(self.config, self._adverts)
         adverts = tuple(self._adverts[u] for u in sorted(self._adverts))
         self.phase = CuratorPhase.SHARE
-        return [Outgoing(tuple(sorted(self._adverts)), AdvertisedKeys(ids=self.config.ids, advertisements=adverts))]
+        return [
+            Outgoing(
+                tuple(sorted(self._adverts)), AdvertisedKeys(ids=self.config.ids, advertisements=adverts)
+            )
+        ]
 
     def _after_share(self) -> list[Outgoing]:
         inbox: dict[int, list[EncryptedShare]] = {v: [] for v in self._ciphertexts}
@@ -330,7 +352,8 @@ class CuratorSession:
                     inbox[item.peer].append(EncryptedShare(peer=u, ciphertext=item.ciphertext))
         self.phase = CuratorPhase.MASKED_INPUT
         return [
-            Outgoing((v,), ForwardedShares(ids=self.config.ids, shares=tuple(items))) for v, items in inbox.items()
+            Outgoing((v,), ForwardedShares(ids=self.config.ids, shares=tuple(items)))
+            for v, items in inbox.items()
         ]
 
     def _after_masked(self) -> list[Outgoing]:
@@ -339,7 +362,9 @@ class CuratorSession:
         return [Outgoing(self._survivors, SurvivorList(ids=self.config.ids, survivors=self._survivors))]
 
     def _after_consistency(self) -> list[Outgoing]:
-        proofs = tuple(ConsistencyProof(signer=u, signature=self._signatures[u]) for u in sorted(self._signatures))
+        proofs = tuple(
+            ConsistencyProof(signer=u, signature=self._signatures[u]) for u in sorted(self._signatures)
+        )
         survivors = set(self._survivors)
         shared = set(self._ciphertexts)
         out = []
@@ -372,7 +397,7 @@ class CuratorSession:
                 seed, bad = reconstruct_verified(
                     self._seed_shares.get(u, {}),
                     threshold=threshold,
-                    check=lambda s, u=u, c=advert.commitment: secure_equal(seed_commitment(s, config.ids, u), c),
+                    check=_commitment_check(config, u, advert.commitment),
                     cache=cache,
                     suspects=suspects,
                 )
@@ -384,7 +409,7 @@ class CuratorSession:
                 private, bad = reconstruct_verified(
                     self._key_shares.get(u, {}),
                     threshold=threshold,
-                    check=lambda s, k=advert.masking_key: public_key_matches(s, k),
+                    check=_public_key_check(advert.masking_key),
                     cache=cache,
                     suspects=suspects,
                 )
@@ -421,6 +446,14 @@ class CuratorSession:
     @property
     def neighbours(self) -> Mapping[int, frozenset[int]]:
         return self._neighbours
+
+
+def _commitment_check(config: AggregationConfig, owner: int, commitment: bytes) -> Callable[[bytes], bool]:
+    return lambda seed: secure_equal(seed_commitment(seed, config.ids, owner), commitment)
+
+
+def _public_key_check(public: bytes) -> Callable[[bytes], bool]:
+    return lambda private: public_key_matches(private, public)
 
 
 __all__ = ["AggregationResult", "CuratorPhase", "CuratorSession", "Outgoing", "PhaseTimeouts"]

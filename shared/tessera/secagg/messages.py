@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
 from tessera.secagg.config import AggregationConfig, SessionIds
 
-RingVector: TypeAlias = npt.NDArray[np.uint32] | npt.NDArray[np.uint64]
+RingVector: TypeAlias = npt.NDArray[np.unsignedinteger[Any]]
+"""A vector of Z_R elements: uint32 for R = 2^32, uint64 for R = 2^64."""
 
 
 # --- participant -> curator ----------------------------------------------------------------------------------
@@ -150,7 +151,9 @@ class Abort:
     reason: str
 
 
-ParticipantMessage: TypeAlias = AdvertiseKeys | EncryptedShares | MaskedInput | ConsistencySignature | UnmaskShares
+ParticipantMessage: TypeAlias = (
+    AdvertiseKeys | EncryptedShares | MaskedInput | ConsistencySignature | UnmaskShares
+)
 CuratorMessage: TypeAlias = (
     StartAggregation | AdvertisedKeys | ForwardedShares | SurvivorList | UnmaskRequest | Abort
 )
@@ -163,7 +166,9 @@ Message: TypeAlias = ParticipantMessage | CuratorMessage
 def advertisement_signed_bytes(
     ids: SessionIds, sender: int, encryption_key: bytes, masking_key: bytes, commitment: bytes
 ) -> bytes:
-    return ids.context() + b"|advertise|" + struct.pack(">I", sender) + encryption_key + masking_key + commitment
+    return (
+        ids.context() + b"|advertise|" + struct.pack(">I", sender) + encryption_key + masking_key + commitment
+    )
 
 
 def consistency_signed_bytes(ids: SessionIds, survivors: tuple[int, ...]) -> bytes:

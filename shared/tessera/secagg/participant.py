@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 
@@ -155,7 +156,9 @@ class ParticipantSession:
 
     def _check_ids(self, message: CuratorMessage) -> None:
         if message.ids != self.config.ids:
-            raise ProtocolError(f"message for {message.ids}, this session is {self.config.ids}", sender="curator")
+            raise ProtocolError(
+                f"message for {message.ids}, this session is {self.config.ids}", sender="curator"
+            )
 
     # --- phase 0 ----------------------------------------------------------------------------------------------
 
@@ -184,7 +187,12 @@ class ParticipantSession:
             commitment=commitment,
             signature=self._identity.sign(signed),
         )
-        self._config, self._encryption_key, self._masking_key, self._seed = config, encryption_key, masking_key, seed
+        self._config, self._encryption_key, self._masking_key, self._seed = (
+            config,
+            encryption_key,
+            masking_key,
+            seed,
+        )
         self._advertised = {self.index: advert}
         self.state = ParticipantState.ADVERTISED
         return [advert]
@@ -211,26 +219,37 @@ class ParticipantSession:
                     advert.signature,
                 )
             except CryptoFailure as exc:
-                raise ProtocolError(f"advertisement of participant {u} has a bad signature", sender="curator") from exc
+                raise ProtocolError(
+                    f"advertisement of participant {u} has a bad signature", sender="curator"
+                ) from exc
             adverts[u] = advert
         own = self._advertised[self.index]
         if adverts.get(self.index) != own:
-            raise ProtocolError("this participant's own advertisement is missing or altered", sender="curator")
+            raise ProtocolError(
+                "this participant's own advertisement is missing or altered", sender="curator"
+            )
         if len(adverts) < config.threshold:
-            raise ProtocolError(f"|U1| = {len(adverts)} is below the threshold {config.threshold}", sender="curator")
+            raise ProtocolError(
+                f"|U1| = {len(adverts)} is below the threshold {config.threshold}", sender="curator"
+            )
 
         neighbours = neighbourhoods(config, adverts)[self.index]
         holders = sorted(neighbours | {self.index})
         threshold = config.share_threshold(len(adverts))
         assert self._masking_key is not None and self._encryption_key is not None
-        key_shares = share_secret(self._masking_key.private_bytes(), threshold=threshold, xs=holders, rand=self._rand)
+        key_shares = share_secret(
+            self._masking_key.private_bytes(), threshold=threshold, xs=holders, rand=self._rand
+        )
         seed_shares = share_secret(self._seed, threshold=threshold, xs=holders, rand=self._rand)
         sealed = []
         for v in sorted(neighbours):
             key = share_key(self._encryption_key, adverts[v].encryption_key, config.ids, self.index, v)
             plaintext = encode_share_plaintext(self.index, v, key_shares[v], seed_shares[v])
             ciphertext = seal(
-                key, plaintext, associated_data=share_associated_data(config.ids, self.index, v), rand=self._rand
+                key,
+                plaintext,
+                associated_data=share_associated_data(config.ids, self.index, v),
+                rand=self._rand,
             )
             sealed.append(EncryptedShare(peer=v, ciphertext=ciphertext))
         self._advertised = adverts
@@ -259,18 +278,24 @@ class ParticipantSession:
         for item in message.shares:
             u = item.peer
             try:
-                key = share_key(self._encryption_key, self._advertised[u].encryption_key, config.ids, u, self.index)
+                key = share_key(
+                    self._encryption_key, self._advertised[u].encryption_key, config.ids, u, self.index
+                )
                 plaintext = open_sealed(
                     key, item.ciphertext, associated_data=share_associated_data(config.ids, u, self.index)
                 )
                 held[u] = self._parse_share_plaintext(plaintext, owner=u)
             except (CryptoFailure, ValueError) as exc:
-                problems.append(ProtocolError(f"share ciphertext from participant {u} does not open: {exc}", sender=u))
+                problems.append(
+                    ProtocolError(f"share ciphertext from participant {u} does not open: {exc}", sender=u)
+                )
 
         masked = self._vector.copy()
         add_self_mask(masked, self._seed, config.ids, self.index, config.ring_bits, +1)
         for v in sorted(u2 - {self.index}):
-            seed = pairwise_seed(self._masking_key, self._advertised[v].masking_key, config.ids, self.index, v)
+            seed = pairwise_seed(
+                self._masking_key, self._advertised[v].masking_key, config.ids, self.index, v
+            )
             add_pairwise_mask(masked, seed, own=self.index, peer=v, ring_bits=config.ring_bits)
         self._held = held
         self._u2 = u2
@@ -297,9 +322,13 @@ class ParticipantSession:
         if list(survivors) != sorted(set(survivors)):
             raise ProtocolError("survivor list must be strictly ascending", sender="curator")
         if self.index not in survivors:
-            raise ProtocolError("survivor list omits this participant, which sent its masked input", sender="curator")
+            raise ProtocolError(
+                "survivor list omits this participant, which sent its masked input", sender="curator"
+            )
         if len(survivors) < config.threshold:
-            raise ProtocolError(f"|U3| = {len(survivors)} is below the threshold {config.threshold}", sender="curator")
+            raise ProtocolError(
+                f"|U3| = {len(survivors)} is below the threshold {config.threshold}", sender="curator"
+            )
         unknown = [u for u in survivors if u not in self._advertised]
         if unknown:
             raise ProtocolError(f"survivors {unknown} never advertised keys", sender="curator")
@@ -325,7 +354,9 @@ class ParticipantSession:
         seed_owners, key_owners = set(message.reveal_self_mask_of), set(message.reveal_key_of)
         both = sorted(seed_owners & key_owners)
         if both:
-            raise ProtocolError(f"curator asked for both shares of participants {both}; refused", sender="curator")
+            raise ProtocolError(
+                f"curator asked for both shares of participants {both}; refused", sender="curator"
+            )
         survivors = set(self._survivors)
         if not seed_owners <= survivors:
             raise ProtocolError(
@@ -334,11 +365,14 @@ class ParticipantSession:
             )
         if key_owners & survivors:
             raise ProtocolError(
-                f"asked for mask-key shares of survivors {sorted(key_owners & survivors)}; refused", sender="curator"
+                f"asked for mask-key shares of survivors {sorted(key_owners & survivors)}; refused",
+                sender="curator",
             )
         strangers = sorted((seed_owners | key_owners) - self._u2)
         if strangers:
-            raise ProtocolError(f"asked for shares of {strangers}, which did not share with us", sender="curator")
+            raise ProtocolError(
+                f"asked for shares of {strangers}, which did not share with us", sender="curator"
+            )
         held = dict(self._held)
         held[self.index] = self._own_shares
         seed_shares = tuple(
@@ -349,7 +383,11 @@ class ParticipantSession:
         )
         self._discard_secrets()
         self.state = ParticipantState.DONE
-        return [UnmaskShares(ids=config.ids, sender=self.index, self_mask_shares=seed_shares, key_shares=key_shares)]
+        return [
+            UnmaskShares(
+                ids=config.ids, sender=self.index, self_mask_shares=seed_shares, key_shares=key_shares
+            )
+        ]
 
     def _check_consistency_proofs(self, message: UnmaskRequest) -> None:
         config = self.config
@@ -357,21 +395,32 @@ class ParticipantSession:
         signers: set[int] = set()
         for proof in message.signatures:
             if proof.signer in signers:
-                raise ProtocolError(f"consistency signature of {proof.signer} appears twice", sender="curator")
+                raise ProtocolError(
+                    f"consistency signature of {proof.signer} appears twice", sender="curator"
+                )
             if proof.signer not in self._survivors or proof.signer not in self._roster:
-                raise ProtocolError(f"consistency signature from non-survivor {proof.signer}", sender="curator")
+                raise ProtocolError(
+                    f"consistency signature from non-survivor {proof.signer}", sender="curator"
+                )
             if len(proof.signature) != SIGNATURE_BYTES:
                 raise ProtocolError(f"consistency signature of {proof.signer} is malformed", sender="curator")
+            signers.add(proof.signer)
+        # t valid signatures over our U3 are what the check needs; verifying more only costs time.
+        valid = 0
+        for proof in message.signatures:
+            if valid >= config.threshold:
+                break
             try:
                 verify_signature(self._roster.key(proof.signer), signed, proof.signature)
             except CryptoFailure as exc:
                 raise ProtocolError(
-                    f"consistency signature of {proof.signer} does not verify over the signed U3", sender="curator"
+                    f"consistency signature of {proof.signer} does not verify over the signed U3",
+                    sender="curator",
                 ) from exc
-            signers.add(proof.signer)
-        if len(signers) < config.threshold:
+            valid += 1
+        if valid < config.threshold:
             raise ProtocolError(
-                f"{len(signers)} consistency signatures, {config.threshold} needed; refusing to unmask",
+                f"{valid} consistency signatures, {config.threshold} needed; refusing to unmask",
                 sender="curator",
             )
 
@@ -393,8 +442,11 @@ class ParticipantSession:
         self._held = {}
         self._own_shares = (0, 0)
 
-    _HANDLERS: dict[
-        tuple[ParticipantState, type], Callable[[ParticipantSession, CuratorMessage], list[ParticipantMessage]]
+    _HANDLERS: ClassVar[
+        dict[
+            tuple[ParticipantState, type],
+            Callable[[ParticipantSession, CuratorMessage], list[ParticipantMessage]],
+        ]
     ] = {
         (ParticipantState.READY, StartAggregation): _on_start,  # type: ignore[dict-item]
         (ParticipantState.ADVERTISED, AdvertisedKeys): _on_advertised,  # type: ignore[dict-item]

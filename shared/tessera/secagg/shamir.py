@@ -145,13 +145,17 @@ def reconstruct_verified(
     )
 
 
-def _inconsistent_shares(shares: Mapping[int, int], good: tuple[int, ...], cache: LagrangeCache) -> frozenset[int]:
+def _inconsistent_shares(
+    shares: Mapping[int, int], good: tuple[int, ...], cache: LagrangeCache
+) -> frozenset[int]:
     """x-coordinates whose shares do not lie on the polynomial through the ``good`` ones."""
     bad = set()
     for x in shares:
         if x in good:
             continue
-        value = sum(c * shares[xi] for c, xi in zip(cache.coefficients_at(good, x), good, strict=True)) % PRIME
+        value = (
+            sum(c * shares[xi] for c, xi in zip(cache.coefficients_at(good, x), good, strict=True)) % PRIME
+        )
         if value != shares[x]:
             bad.add(x)
     return frozenset(bad)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tessera.crypto import RandomSource, SigningKey, system_random
-from tessera.errors import AggregationAborted
+from tessera.errors import AggregationAborted, ProtocolError
 from tessera.secagg.config import AggregationConfig, ParticipantPolicy, Roster
 from tessera.secagg.curator import CuratorSession, Outgoing, PhaseTimeouts
 from tessera.secagg.messages import (
@@ -70,6 +70,8 @@ class SimulationResult:
     bytes_down: dict[int, int] = field(default_factory=dict)
     curator_view: list[tuple[int, ParticipantMessage]] = field(default_factory=list)
     bad_share_senders: frozenset[int] = frozenset()
+    participant_errors: list[tuple[int, ProtocolError]] = field(default_factory=list)
+    curator_errors: list[tuple[int, ProtocolError]] = field(default_factory=list)
 
     @property
     def curator_s(self) -> float:
@@ -153,7 +155,13 @@ def simulate(
                     continue
                 bytes_down[u] += len(payload)
                 t0 = time.perf_counter()
-                answers = participants[u].receive(decode(payload, limits))  # type: ignore[arg-type]
+                try:
+                    answers = participants[u].receive(decode(payload, limits))  # type: ignore[arg-type]
+                except ProtocolError as exc:
+                    # The participant refuses this step (e.g. too few neighbours left): it stops answering.
+                    result.participant_errors.append((u, exc))
+                    dropouts[u] = phase
+                    answers = []
                 encoded = [encode(a) for a in answers]
                 seconds[u][phase.value] += time.perf_counter() - t0
                 for data in encoded:
@@ -167,7 +175,10 @@ def simulate(
             phase_name = curator.phase.value
             if record_view:
                 result.curator_view.append((u, message))
-            outgoing.extend(curator.receive(u, message, clock))
+            try:
+                outgoing.extend(curator.receive(u, message, clock))
+            except ProtocolError as exc:
+                result.curator_errors.append((u, exc))
             curator_seconds[phase_name] += time.perf_counter() - t0
         if not outgoing and not curator.finished:
             # Somebody vanished: let the phase deadline pass.

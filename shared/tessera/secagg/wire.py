@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -174,8 +175,15 @@ def _write_start(m: StartAggregation) -> bytes:
     c = m.config
     return (
         _u32s(c.participants)
-        + struct.pack(">IQBBII", c.threshold, c.vector_length, c.ring_bits, c.graph is Graph.SPARSE, c.neighbours,
-                      c.neighbourhood_threshold)
+        + struct.pack(
+            ">IQBBII",
+            c.threshold,
+            c.vector_length,
+            c.ring_bits,
+            c.graph is Graph.SPARSE,
+            c.neighbours,
+            c.neighbourhood_threshold,
+        )
         + c.graph_seed
     )
 
@@ -186,39 +194,65 @@ def _write_masked(m: MaskedInput) -> bytes:
     return struct.pack(">IBQ", m.sender, width * 8, little.shape[0]) + little.tobytes()
 
 
-_WRITERS: dict[type, tuple[int, Callable[[Message], bytes]]] = {
-    StartAggregation: (1, _write_start),  # type: ignore[dict-item]
-    AdvertiseKeys: (2, _advert_body),  # type: ignore[dict-item]
-    AdvertisedKeys: (  # type: ignore[dict-item]
-        3,
-        lambda m: struct.pack(">I", len(m.advertisements)) + b"".join(_advert_body(a) for a in m.advertisements),
-    ),
-    EncryptedShares: (4, lambda m: struct.pack(">I", m.sender) + _encrypted(m.shares)),  # type: ignore[attr-defined]
-    ForwardedShares: (5, lambda m: _encrypted(m.shares)),  # type: ignore[attr-defined]
-    MaskedInput: (6, _write_masked),  # type: ignore[dict-item]
-    SurvivorList: (7, lambda m: _u32s(m.survivors)),  # type: ignore[attr-defined]
-    ConsistencySignature: (8, lambda m: struct.pack(">I", m.sender) + m.signature),  # type: ignore[attr-defined]
-    UnmaskRequest: (  # type: ignore[dict-item]
-        9,
-        lambda m: _u32s(m.survivors)
+def _write_advertised(m: AdvertisedKeys) -> bytes:
+    return struct.pack(">I", len(m.advertisements)) + b"".join(_advert_body(a) for a in m.advertisements)
+
+
+def _write_shares(m: EncryptedShares) -> bytes:
+    return struct.pack(">I", m.sender) + _encrypted(m.shares)
+
+
+def _write_forwarded(m: ForwardedShares) -> bytes:
+    return _encrypted(m.shares)
+
+
+def _write_survivors(m: SurvivorList) -> bytes:
+    return _u32s(m.survivors)
+
+
+def _write_signature(m: ConsistencySignature) -> bytes:
+    return struct.pack(">I", m.sender) + m.signature
+
+
+def _write_request(m: UnmaskRequest) -> bytes:
+    proofs = b"".join(struct.pack(">I", p.signer) + p.signature for p in m.signatures)
+    return (
+        _u32s(m.survivors)
         + struct.pack(">I", len(m.signatures))
-        + b"".join(struct.pack(">I", p.signer) + p.signature for p in m.signatures)
+        + proofs
         + _u32s(m.reveal_self_mask_of)
-        + _u32s(m.reveal_key_of),
-    ),
-    UnmaskShares: (  # type: ignore[dict-item]
-        10,
-        lambda m: struct.pack(">I", m.sender) + _revealed(m.self_mask_shares) + _revealed(m.key_shares),
-    ),
-    Abort: (11, lambda m: struct.pack(">H", len(m.reason.encode())) + m.reason.encode()),  # type: ignore[attr-defined]
+        + _u32s(m.reveal_key_of)
+    )
+
+
+def _write_unmask(m: UnmaskShares) -> bytes:
+    return struct.pack(">I", m.sender) + _revealed(m.self_mask_shares) + _revealed(m.key_shares)
+
+
+def _write_abort(m: Abort) -> bytes:
+    reason = m.reason.encode()[:MAX_REASON_BYTES].decode("utf-8", "ignore").encode()
+    return struct.pack(">H", len(reason)) + reason
+
+
+# Each writer takes exactly its own message type; the table is keyed by that type, hence Any.
+_WRITERS: dict[type, tuple[int, Callable[[Any], bytes]]] = {
+    StartAggregation: (1, _write_start),
+    AdvertiseKeys: (2, _advert_body),
+    AdvertisedKeys: (3, _write_advertised),
+    EncryptedShares: (4, _write_shares),
+    ForwardedShares: (5, _write_forwarded),
+    MaskedInput: (6, _write_masked),
+    SurvivorList: (7, _write_survivors),
+    ConsistencySignature: (8, _write_signature),
+    UnmaskRequest: (9, _write_request),
+    UnmaskShares: (10, _write_unmask),
+    Abort: (11, _write_abort),
 }
 
 
 def encode(message: Message) -> bytes:
     """Serialise a protocol message."""
     type_code, writer = _WRITERS[type(message)]
-    if isinstance(message, Abort) and len(message.reason.encode()) > MAX_REASON_BYTES:
-        message = Abort(ids=message.ids, reason=message.reason.encode()[:MAX_REASON_BYTES].decode("utf-8", "ignore"))
     return MAGIC + bytes((VERSION, type_code)) + _ids(message.ids) + writer(message)
 
 
@@ -269,7 +303,9 @@ def _read_revealed(r: _Reader, limits: WireLimits) -> tuple[RevealedShare, ...]:
 
 def _read_start(r: _Reader, ids: SessionIds, limits: WireLimits) -> StartAggregation:
     participants = _read_index_list(r, limits, "participants")
-    threshold, vector_length, ring_bits, sparse, neighbours, n_threshold = struct.unpack(">IQBBII", r.take(22))
+    threshold, vector_length, ring_bits, sparse, neighbours, n_threshold = struct.unpack(
+        ">IQBBII", r.take(22)
+    )
     seed = r.take(KEY_BYTES)
     if sparse not in (0, 1):
         raise ProtocolError("graph flag must be 0 or 1")
@@ -343,10 +379,15 @@ _READERS: dict[int, Callable[[_Reader, SessionIds, WireLimits], Message]] = {
     5: lambda r, ids, limits: ForwardedShares(ids=ids, shares=_read_encrypted(r, limits)),
     6: _read_masked,
     7: lambda r, ids, limits: SurvivorList(ids=ids, survivors=_read_index_list(r, limits, "survivors")),
-    8: lambda r, ids, limits: ConsistencySignature(ids=ids, sender=r.u32(), signature=r.take(SIGNATURE_BYTES)),
+    8: lambda r, ids, limits: ConsistencySignature(
+        ids=ids, sender=r.u32(), signature=r.take(SIGNATURE_BYTES)
+    ),
     9: _read_unmask_request,
     10: lambda r, ids, limits: UnmaskShares(
-        ids=ids, sender=r.u32(), self_mask_shares=_read_revealed(r, limits), key_shares=_read_revealed(r, limits)
+        ids=ids,
+        sender=r.u32(),
+        self_mask_shares=_read_revealed(r, limits),
+        key_shares=_read_revealed(r, limits),
     ),
     11: lambda r, ids, limits: _read_abort(r, ids),
 }
