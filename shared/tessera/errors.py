@@ -43,10 +43,16 @@ class AggregationAborted(TesseraError):
         super().__init__(reason)
 
 
+class TransportError(TesseraError):
+    """The message transport (RabbitMQ) failed: a refused or unconfirmed publish, a broker that cannot be
+    reached, a closed endpoint. See ``tessera.transport.errors`` for the specific kinds."""
+
+
 __all__ = [
     "AggregationAborted",
     "ConfigurationError",
     "LocalUsageError",
     "ProtocolError",
     "TesseraError",
+    "TransportError",
 ]

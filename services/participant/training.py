@@ -1,0 +1,459 @@
+"""Local training with DP-SGD (Opacus) and evaluation into summable counts.
+
+This is the only module that imports Opacus' ``PrivacyEngine``.
+
+Training contract (:func:`train_one_round`)
+-------------------------------------------
+- **Private mode** (``private=True``) runs exactly ``budget.steps_per_round`` DP-SGD steps: Poisson
+  sampling at ``budget.sample_rate`` (``batch_size / n_train``), per-sample gradients clipped to
+  ``budget.max_grad_norm``, Gaussian noise of standard deviation ``noise_multiplier × max_grad_norm`` added
+  to each summed batch gradient. The round is recorded in the :class:`~tessera.dp.PersistentAccountant`
+  *before* training starts (write-ahead: a crash can only over-count spent privacy); a round that would
+  exceed the target ε is refused with :class:`~tessera.errors.LocalUsageError` and nothing is trained or
+  recorded.
+- **Non-private mode** must be asked for explicitly (``private=False``) and logs a loud warning
+  (``training_without_differential_privacy``): plain mini-batch SGD over shuffled data, nothing recorded.
+- The caller's ``model`` is not modified: training runs on a deep copy, which Opacus wraps in a
+  ``GradSampleModule`` whose parameter names carry a ``_module.`` prefix. Weights are read back from the
+  *unwrapped* copy with :func:`tessera.models.flatten_parameters`, so their order and names are those of
+  ``model``. Load them with :func:`tessera.models.load_flat_parameters`.
+- Determinism: with an integer ``rng_seed`` the Poisson sampling and the noise come from two torch generators
+  seeded from it, so a round is reproducible on the same machine and thread count (torch's CPU kernels
+  may still differ in the last bits across thread counts and builds). With ``rng_seed=None`` both seeds are
+  drawn from the operating system's entropy (``secrets``): use that in deployments, because **anyone who
+  knows the seed can regenerate the noise and subtract it**, which voids the DP guarantee.
+
+Randomness and ``secure_mode`` — what the guarantee rests on
+------------------------------------------------------------
+Opacus' ``PrivacyEngine(secure_mode=True)`` needs ``torchcsprng``, which does not install with current torch,
+so we do not use it. The noise and the Poisson sampling therefore come from torch's default CPU generator
+(Mersenne Twister, mt19937): statistically fine, but **not a cryptographically secure generator**. Seeded
+from OS entropy it is unpredictable in practice to someone who never sees its raw output, but it has no
+security proof, and its state could in principle be reconstructed from enough raw outputs. The DP guarantee
+as accounted assumes truly random Gaussian noise and sampling; with this generator it holds against an
+adversary who cannot predict the generator, not against an unbounded one. We do switch on the DP optimizer's
+own ``secure_mode`` noise routine (the sum of four Gaussian draws / 2, after Holohan et al. 2021), which needs
+no torchcsprng and defends against the floating-point attack on naively sampled Gaussian noise. Where a
+certified guarantee matters, install a CSPRNG-backed generator once torchcsprng (or an equivalent) is
+available for the torch in use and pass it as the noise generator.
+
+Evaluation contract (:func:`evaluate`)
+--------------------------------------
+:class:`EvalCounts` holds integer counts (correct, total, a ``num_classes × num_classes`` confusion matrix
+with rows = true class and columns = predicted class) and the summed cross-entropy loss. Counts from several
+participants add up (``+`` or :meth:`EvalCounts.to_vector` inside secure aggregation); :func:`accuracy` and
+:func:`class_metrics` derive the metrics from (summed) counts, never from per-organisation rates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import secrets
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+import torch
+from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from opacus.validators.errors import UnsupportedModuleError
+from tessera.data import ArrayDataset
+from tessera.dp import PersistentAccountant, PrivacyBudget
+from tessera.errors import ConfigurationError, LocalUsageError
+from tessera.models import flatten_parameters, trainable_parameters
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+log = structlog.get_logger(__name__)
+
+
+# -- threads ---------------------------------------------------------------------------------------------
+
+
+def default_num_threads() -> int:
+    """Threads for torch: the CPUs this process may use (affinity, capped by a cgroup v2 quota) minus one.
+
+    One CPU is left for the service's I/O thread (broker heartbeats) and everything else on the host: on a
+    2-core machine that means one torch thread. Measured here, two intra-op threads on two busy cores made a
+    DP-SGD step 5-8× *slower* than one thread (OpenMP workers waiting on each other), while the gain on idle
+    cores is small for models this size.
+    """
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        with open("/sys/fs/cgroup/cpu.max") as fh:
+            quota, period = fh.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.floor(int(quota) / int(period))))
+    return max(1, n - 1)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)`` (default :func:`default_num_threads`), then restore."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(default_num_threads() if n is None else max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# -- training --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of one local round.
+
+    ``weights`` is the trained flat parameter vector (order of :func:`tessera.models.flatten_parameters`).
+    ``epsilon`` is the ε spent so far *including* this round (``None`` when not private). ``mean_loss`` and
+    ``examples_processed`` are local diagnostics: never send them to the curator in plaintext.
+    """
+
+    weights: npt.NDArray[np.float32]
+    steps: int
+    private: bool
+    noise_multiplier: float | None
+    sample_rate: float | None
+    epsilon: float | None
+    mean_loss: float
+    examples_processed: int
+    seconds: float
+
+
+def _seeds(rng_seed: int | None) -> tuple[int, int]:
+    """(sampling seed, noise seed): derived from ``rng_seed``, or fresh from OS entropy when it is None."""
+    if rng_seed is None:
+        return secrets.randbits(63), secrets.randbits(63)
+    ss = np.random.SeedSequence(rng_seed).spawn(2)
+    return int(ss[0].generate_state(1, np.uint64)[0] >> 1), int(ss[1].generate_state(1, np.uint64)[0] >> 1)
+
+
+def _tensors(data: ArrayDataset) -> TensorDataset:
+    return TensorDataset(torch.from_numpy(np.array(data.x)), torch.from_numpy(np.array(data.y)))
+
+
+def _run_steps(
+    model: nn.Module,
+    loader: DataLoader[tuple[torch.Tensor, ...]],
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+) -> tuple[float, int]:
+    """Run exactly ``steps`` optimiser steps, cycling through ``loader``; return (loss sum, examples)."""
+    criterion = nn.CrossEntropyLoss()
+    loss_sum, seen, done = 0.0, 0, 0
+    model.train()
+    with warnings.catch_warnings():
+        # Opacus' hooks on the first layer fire although the inputs need no gradient; torch warns each round.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        while done < steps:
+            loss_sum, seen, done = _run_epoch(
+                model, loader, optimizer, criterion, steps, (loss_sum, seen, done)
+            )
+    return loss_sum, seen
+
+
+def _run_epoch(
+    model: nn.Module,
+    loader: DataLoader[tuple[torch.Tensor, ...]],
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    steps: int,
+    state: tuple[float, int, int],
+) -> tuple[float, int, int]:
+    """One pass over ``loader``, stopping at ``steps`` steps in total; returns (loss sum, seen, steps done)."""
+    loss_sum, seen, done = state
+    progressed = False
+    for xb, yb in loader:
+        progressed = True
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(xb), yb)
+        loss.backward()
+        optimizer.step()
+        if len(yb):  # an empty Poisson batch still takes a (noise-only) step
+            loss_sum += float(loss.detach()) * len(yb)
+            seen += len(yb)
+        done += 1
+        if done == steps:
+            break
+    if not progressed:
+        raise LocalUsageError("the training data loader yielded no batches")
+    return loss_sum, seen, done
+
+
+def train_one_round(
+    model: nn.Module,
+    train_data: ArrayDataset,
+    *,
+    budget: PrivacyBudget | None,
+    noise_multiplier: float | None,
+    accountant: PersistentAccountant | None,
+    rng_seed: int | None,
+    lr: float,
+    private: bool,
+    epochs: float | None = None,
+    batch_size: int | None = None,
+    momentum: float = 0.0,
+    num_threads: int | None = None,
+) -> TrainResult:
+    """Train a copy of ``model`` on ``train_data`` for one round and return its weights and statistics.
+
+    Private mode needs ``budget``, ``noise_multiplier`` and ``accountant`` (whose budget must equal
+    ``budget``); ``epochs`` and ``batch_size`` default to the budget's and, if given, must equal them, and
+    ``len(train_data)`` must equal ``budget.n_train``. Non-private mode needs ``epochs`` and ``batch_size``
+    (or a budget to take them from) and ignores the noise multiplier and the accountant.
+
+    Raises:
+        LocalUsageError: missing or inconsistent arguments, or the round would exceed the privacy budget
+            (nothing was trained or recorded; stop training, the budget is spent).
+        ConfigurationError: the training split does not match the budget's ``n_train``, or the model has
+            layers Opacus cannot train privately (e.g. BatchNorm: use GroupNorm).
+        OSError: the accountant file could not be saved (nothing was trained).
+    """
+    if not lr > 0:
+        raise LocalUsageError(f"lr must be > 0, got {lr}")
+    if len(train_data) == 0:
+        raise LocalUsageError("empty training data")
+    sample_seed, noise_seed = _seeds(rng_seed)
+    work = copy.deepcopy(model)
+    names_before = [n for n, _ in trainable_parameters(work)]
+    optimizer = torch.optim.SGD(work.parameters(), lr=lr, momentum=momentum)
+    dataset = _tensors(train_data)
+    start = time.perf_counter()
+
+    if not private:
+        if budget is not None:
+            epochs = budget.local_epochs if epochs is None else epochs
+            batch_size = budget.batch_size if batch_size is None else batch_size
+        if epochs is None or batch_size is None or not epochs > 0 or batch_size < 1:
+            raise LocalUsageError("non-private training needs epochs > 0 and batch_size >= 1")
+        steps = max(1, math.ceil(round(epochs * len(train_data) / batch_size, 9)))
+        log.warning(
+            "training_without_differential_privacy",
+            reason="private=False was requested",
+            consequence="the update is NOT differentially private and reveals information about local data",
+            steps=steps,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(sample_seed),
+        )
+        with torch_threads(num_threads):
+            loss_sum, seen = _run_steps(work, loader, optimizer, steps)
+        return TrainResult(
+            weights=flatten_parameters(work),
+            steps=steps,
+            private=False,
+            noise_multiplier=None,
+            sample_rate=None,
+            epsilon=None,
+            mean_loss=loss_sum / seen if seen else math.nan,
+            examples_processed=seen,
+            seconds=time.perf_counter() - start,
+        )
+
+    if budget is None or accountant is None or noise_multiplier is None:
+        raise LocalUsageError("private training needs budget, noise_multiplier and accountant")
+    if accountant.budget != budget:
+        raise LocalUsageError("the accountant was loaded with a different budget than the one passed")
+    if (epochs is not None and epochs != budget.local_epochs) or (
+        batch_size is not None and batch_size != budget.batch_size
+    ):
+        raise LocalUsageError(
+            f"private training follows the budget's plan (local_epochs={budget.local_epochs}, "
+            f"batch_size={budget.batch_size}); got epochs={epochs}, batch_size={batch_size}"
+        )
+    if len(train_data) != budget.n_train:
+        raise ConfigurationError(
+            f"the privacy budget was planned for n_train={budget.n_train} but the training split holds "
+            f"{len(train_data)} examples; set n_train to the split size and re-plan the noise"
+        )
+    q, steps = budget.sample_rate, budget.steps_per_round
+
+    with warnings.catch_warnings():
+        # We document the missing secure RNG above; Opacus' generic warning would only repeat it every round.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp")
+        poisson_loader = DPDataLoader(
+            dataset, sample_rate=q, generator=torch.Generator().manual_seed(sample_seed)
+        )
+        try:
+            dp_model, dp_optimizer, dp_loader = engine.make_private(
+                module=work,
+                optimizer=optimizer,
+                data_loader=poisson_loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=budget.max_grad_norm,
+                poisson_sampling=False,  # the loader above already samples with our q and generator
+                noise_generator=torch.Generator().manual_seed(noise_seed),
+            )
+        except UnsupportedModuleError as exc:
+            raise ConfigurationError(f"model cannot be trained with DP-SGD: {exc}") from exc
+    # make_private derives the expected batch size from len(loader); the true mean batch size is n × q.
+    dp_optimizer.expected_batch_size = budget.batch_size
+    # Noise robust to the floating-point attack (sum of 4 Gaussians / 2); needs no torchcsprng.
+    dp_optimizer.secure_mode = True
+    if dp_model._module is not work:  # pragma: no cover - guards an Opacus behaviour change
+        raise RuntimeError("Opacus did not wrap the model we passed")
+
+    epsilon = accountant.record_round(noise_multiplier, q, steps)  # write-ahead: before any training
+    with torch_threads(num_threads):
+        loss_sum, seen = _run_steps(dp_model, dp_loader, dp_optimizer, steps)
+    engine_steps = sum(h[2] for h in engine.accountant.history)
+    if engine_steps != steps:  # pragma: no cover - our step loop and Opacus' hook must agree
+        raise RuntimeError(f"Opacus counted {engine_steps} noisy steps, we recorded {steps}")
+    dp_model.remove_hooks()
+    if [n for n, _ in trainable_parameters(work)] != names_before:  # pragma: no cover
+        raise RuntimeError("parameter names changed during private training")
+    return TrainResult(
+        weights=flatten_parameters(work),
+        steps=steps,
+        private=True,
+        noise_multiplier=noise_multiplier,
+        sample_rate=q,
+        epsilon=epsilon,
+        mean_loss=loss_sum / seen if seen else math.nan,
+        examples_processed=seen,
+        seconds=time.perf_counter() - start,
+    )
+
+
+# -- evaluation ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class EvalCounts:
+    """Summable evaluation counts: correct, total, summed cross-entropy loss, and a confusion matrix.
+
+    ``confusion[i, j]`` counts examples of true class ``i`` predicted as ``j`` (int64).
+    """
+
+    correct: int
+    total: int
+    loss_sum: float
+    confusion: npt.NDArray[np.int64]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.confusion.shape[0])
+
+    def __add__(self, other: EvalCounts) -> EvalCounts:
+        if other.confusion.shape != self.confusion.shape:
+            raise LocalUsageError(f"cannot add counts of {self.num_classes} and {other.num_classes} classes")
+        return EvalCounts(
+            self.correct + other.correct,
+            self.total + other.total,
+            self.loss_sum + other.loss_sum,
+            self.confusion + other.confusion,
+        )
+
+    @classmethod
+    def zero(cls, num_classes: int) -> EvalCounts:
+        return cls(0, 0, 0.0, np.zeros((num_classes, num_classes), dtype=np.int64))
+
+    def to_vector(self) -> npt.NDArray[np.float64]:
+        """``[correct, total, loss_sum, confusion row-major...]``, length ``3 + num_classes²``."""
+        head = np.array([self.correct, self.total, self.loss_sum], dtype=np.float64)
+        return np.concatenate([head, self.confusion.astype(np.float64).ravel()])
+
+    @classmethod
+    def from_vector(cls, vec: npt.ArrayLike, num_classes: int) -> EvalCounts:
+        """Inverse of :meth:`to_vector` (counts are rounded to integers)."""
+        v = np.asarray(vec, dtype=np.float64)
+        if v.shape != (3 + num_classes * num_classes,):
+            raise LocalUsageError(f"count vector has shape {v.shape}, expected ({3 + num_classes**2},)")
+        conf = np.rint(v[3:]).astype(np.int64).reshape(num_classes, num_classes)
+        return cls(round(float(v[0])), round(float(v[1])), float(v[2]), conf)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ArrayDataset, num_classes: int, *, batch_size: int = 1024) -> EvalCounts:
+    """Evaluate ``model`` on ``data`` (eval mode, no gradients; the training flag is restored).
+
+    Raises:
+        ConfigurationError: a label is ≥ ``num_classes`` or the model outputs a different number of classes.
+    """
+    counts = EvalCounts.zero(num_classes)
+    if len(data) == 0:
+        return counts
+    if int(data.y.max()) >= num_classes:
+        raise ConfigurationError(f"label {int(data.y.max())} out of range for num_classes={num_classes}")
+    was_training = model.training
+    model.eval()
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    loss_sum = 0.0
+    try:
+        for i in range(0, len(data), batch_size):
+            xb = torch.from_numpy(np.array(data.x[i : i + batch_size]))
+            yb = torch.from_numpy(np.array(data.y[i : i + batch_size]))
+            logits = model(xb)
+            if logits.ndim != 2 or logits.shape[1] != num_classes:
+                raise ConfigurationError(
+                    f"model outputs shape {tuple(logits.shape)}, expected (batch, {num_classes})"
+                )
+            loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+            pred = logits.argmax(dim=1).numpy()
+            np.add.at(confusion, (yb.numpy(), pred), 1)
+    finally:
+        model.train(was_training)
+    return EvalCounts(int(np.trace(confusion)), int(confusion.sum()), loss_sum, confusion)
+
+
+def accuracy(counts: EvalCounts) -> float:
+    """correct / total; NaN when there are no examples."""
+    return counts.correct / counts.total if counts.total else math.nan
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    """Per-class precision, recall, F1 and support (arrays indexed by class)."""
+
+    precision: npt.NDArray[np.float64]
+    recall: npt.NDArray[np.float64]
+    f1: npt.NDArray[np.float64]
+    support: npt.NDArray[np.int64]
+
+    @property
+    def macro_f1(self) -> float:
+        """Unweighted mean F1 over classes that occur (support > 0); NaN if none occur."""
+        present = self.support > 0
+        return float(self.f1[present].mean()) if present.any() else math.nan
+
+
+def class_metrics(counts: EvalCounts | npt.NDArray[np.int64]) -> ClassMetrics:
+    """Per-class metrics from (summed) counts or a confusion matrix; 0/0 gives 0 (as scikit-learn's
+    ``zero_division=0``)."""
+    conf = (counts.confusion if isinstance(counts, EvalCounts) else np.asarray(counts)).astype(np.float64)
+    tp = np.diag(conf)
+    predicted, actual = conf.sum(axis=0), conf.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(actual > 0, tp / actual, 0.0)
+        denom = precision + recall
+        f1 = np.where(denom > 0, 2 * precision * recall / denom, 0.0)
+    return ClassMetrics(precision, recall, f1, actual.astype(np.int64))
+
+
+__all__ = [
+    "ClassMetrics",
+    "EvalCounts",
+    "TrainResult",
+    "accuracy",
+    "class_metrics",
+    "default_num_threads",
+    "evaluate",
+    "torch_threads",
+    "train_one_round",
+]

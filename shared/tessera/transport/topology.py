@@ -1,0 +1,196 @@
+"""Names, permissions and declarations of one federation's RabbitMQ topology (``docs/topology.md``).
+
+This module is the single source of the names and permission regexes in ``docs/topology.md``; the
+transport, the provisioning helpers and the tests all take them from here. Change the document, this module
+and the broker chart (``charts/tessera-broker``) together.
+
+Why each permission is what it is (checked against RabbitMQ 3.10):
+
+- Declaring a queue with ``x-dead-letter-exchange`` needs *read* on the queue and *write* on the
+  dead-letter exchange; binding needs *write* on the queue and *read* on the exchange, and, on an exchange
+  where the user has topic permissions, the binding key must match the user's topic *read* regex. Hence the
+  curator reads ``participant.*`` and has topic read ``^to\\..+$`` on ``tessera.to-participants``.
+- Organisations have no configure permission at all and only *passively* declare their inbox.
+- Nobody has write on ``amq.default``: write there lets a user publish into any queue by name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from tessera.errors import ConfigurationError
+
+log = structlog.get_logger("tessera.transport")
+
+ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+"""Federation and organisation ids: DNS-label friendly, at most 32 characters."""
+
+CURATOR_USER = "curator"
+"""The curator's broker user name (the ``user_id`` of everything the curator publishes)."""
+
+RESERVED_ORGANISATION_IDS = frozenset({"curator", "all", "guest"})
+"""``curator`` is the curator's user, ``all`` would collide with the broadcast key ``to.all``, ``guest`` is
+RabbitMQ's built-in administrator (provisioning it would change that account's password)."""
+
+TO_PARTICIPANTS_EXCHANGE = "tessera.to-participants"
+TO_CURATOR_EXCHANGE = "tessera.to-curator"
+DEAD_LETTER_EXCHANGE = "tessera.dead-letter"
+CURATOR_INBOX = "curator.inbox"
+DEAD_LETTER_QUEUE = "curator.dead-letter"
+BROADCAST_KEY = "to.all"
+CURATOR_INBOX_BINDING = "from.#"
+
+_SUFFIX_PATTERN = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)*$")
+
+
+def validate_federation_id(federation: str) -> str:
+    """Return ``federation`` if it is a valid federation id; raise :class:`ConfigurationError` otherwise."""
+    if not isinstance(federation, str) or not ID_PATTERN.fullmatch(federation):
+        raise ConfigurationError(f"invalid federation id {federation!r}: must match {ID_PATTERN.pattern}")
+    return federation
+
+
+def validate_organisation_id(organisation: str) -> str:
+    """Return ``organisation`` if it is a valid, unreserved organisation id; raise otherwise."""
+    if not isinstance(organisation, str) or not ID_PATTERN.fullmatch(organisation):
+        raise ConfigurationError(f"invalid organisation id {organisation!r}: must match {ID_PATTERN.pattern}")
+    if organisation in RESERVED_ORGANISATION_IDS:
+        raise ConfigurationError(
+            f"organisation id {organisation!r} is reserved ({', '.join(sorted(RESERVED_ORGANISATION_IDS))})"
+        )
+    return organisation
+
+
+def validate_organisations(organisations: Iterable[str]) -> tuple[str, ...]:
+    """Validate every id and reject duplicates; returns them as a tuple in the given order."""
+    result = tuple(validate_organisation_id(o) for o in organisations)
+    if len(set(result)) != len(result):
+        raise ConfigurationError("duplicate organisation ids")
+    return result
+
+
+def vhost(federation: str) -> str:
+    """The federation's virtual host: ``tessera-<federation>``."""
+    return f"tessera-{validate_federation_id(federation)}"
+
+
+def participant_inbox(organisation: str) -> str:
+    """The inbox queue of an organisation: ``participant.<X>.inbox``."""
+    return f"participant.{validate_organisation_id(organisation)}.inbox"
+
+
+def to_organisation_key(organisation: str) -> str:
+    """Routing key on ``tessera.to-participants`` that reaches one organisation: ``to.<X>``."""
+    return f"to.{validate_organisation_id(organisation)}"
+
+
+def from_organisation_key(organisation: str, suffix: str | None = None) -> str:
+    """Routing key an organisation publishes with: ``from.<X>`` or ``from.<X>.<suffix>``."""
+    key = f"from.{validate_organisation_id(organisation)}"
+    if suffix is None:
+        return key
+    if not _SUFFIX_PATTERN.fullmatch(suffix):
+        raise ConfigurationError(f"invalid routing key suffix {suffix!r}")
+    return f"{key}.{suffix}"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """``rabbitmqctl set_permissions -p <vhost> <user> <configure> <write> <read>``."""
+
+    configure: str
+    write: str
+    read: str
+
+
+@dataclass(frozen=True)
+class TopicPermission:
+    """``rabbitmqctl set_topic_permissions -p <vhost> <user> <exchange> <write> <read>``."""
+
+    exchange: str
+    write: str
+    read: str
+
+
+def curator_permissions() -> Permissions:
+    return Permissions(
+        configure=r"^(tessera\..*|participant\..*|curator\..*)$",
+        write=r"^(tessera\.to-participants|tessera\.dead-letter|participant\..*|curator\..*)$",
+        read=r"^(tessera\..*|participant\..*|curator\..*)$",
+    )
+
+
+def organisation_permissions(organisation: str) -> Permissions:
+    # Ids contain only [a-z0-9-], none of which is special in a regex outside a character class.
+    inbox = participant_inbox(organisation).replace(".", r"\.")
+    return Permissions(configure="^$", write=r"^tessera\.to-curator$", read=f"^{inbox}$")
+
+
+def curator_topic_permissions() -> tuple[TopicPermission, ...]:
+    return (TopicPermission(TO_PARTICIPANTS_EXCHANGE, write=r"^to\..+$", read=r"^to\..+$"),)
+
+
+def organisation_topic_permissions(organisation: str) -> tuple[TopicPermission, ...]:
+    org = validate_organisation_id(organisation)
+    return (TopicPermission(TO_CURATOR_EXCHANGE, write=rf"^from\.{org}(\..+)?$", read="^$"),)
+
+
+def inbox_arguments() -> dict[str, Any]:
+    """Arguments of every inbox queue (the curator's and each organisation's)."""
+    return {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+
+
+def declare_topology(channel: Any, federation: str, organisations: Iterable[str]) -> None:
+    """Declare the whole topology on ``channel`` (a pika ``BlockingChannel`` of the curator's user, opened
+    on the federation's vhost). Idempotent; an organisation added later just gets its inbox on the next
+    call. Raises ``pika.exceptions.ChannelClosedByBroker`` (403) if the user lacks the permissions above, or
+    (406) if an object exists with different properties."""
+    validate_federation_id(federation)
+    orgs = validate_organisations(organisations)
+    channel.exchange_declare(TO_PARTICIPANTS_EXCHANGE, exchange_type="topic", durable=True)
+    channel.exchange_declare(TO_CURATOR_EXCHANGE, exchange_type="topic", durable=True)
+    channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="fanout", durable=True)
+    channel.queue_declare(DEAD_LETTER_QUEUE, durable=True)
+    channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, routing_key="")
+    channel.queue_declare(CURATOR_INBOX, durable=True, arguments=inbox_arguments())
+    channel.queue_bind(CURATOR_INBOX, TO_CURATOR_EXCHANGE, routing_key=CURATOR_INBOX_BINDING)
+    for org in orgs:
+        inbox = participant_inbox(org)
+        channel.queue_declare(inbox, durable=True, arguments=inbox_arguments())
+        channel.queue_bind(inbox, TO_PARTICIPANTS_EXCHANGE, routing_key=to_organisation_key(org))
+        channel.queue_bind(inbox, TO_PARTICIPANTS_EXCHANGE, routing_key=BROADCAST_KEY)
+    log.info("topology_declared", federation=federation, organisations=len(orgs))
+
+
+__all__ = [
+    "BROADCAST_KEY",
+    "CURATOR_INBOX",
+    "CURATOR_INBOX_BINDING",
+    "CURATOR_USER",
+    "DEAD_LETTER_EXCHANGE",
+    "DEAD_LETTER_QUEUE",
+    "ID_PATTERN",
+    "RESERVED_ORGANISATION_IDS",
+    "TO_CURATOR_EXCHANGE",
+    "TO_PARTICIPANTS_EXCHANGE",
+    "Permissions",
+    "TopicPermission",
+    "curator_permissions",
+    "curator_topic_permissions",
+    "declare_topology",
+    "from_organisation_key",
+    "inbox_arguments",
+    "organisation_permissions",
+    "organisation_topic_permissions",
+    "participant_inbox",
+    "to_organisation_key",
+    "validate_federation_id",
+    "validate_organisation_id",
+    "validate_organisations",
+    "vhost",
+]

@@ -1,0 +1,153 @@
+"""Fixtures for the transport's integration tests: a freshly provisioned federation per test.
+
+Every test gets its own vhost and its own broker users (unique names, since broker users are global and
+other suites may share this broker), provisioned exactly as ``docs/topology.md`` says, and deleted after
+the test. Deleting runs in the background (each ``rabbitmqctl`` call costs about a second) and is awaited
+at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import pika
+import pytest
+from pydantic import SecretStr
+from tessera.transport import (
+    ConnectionSettings,
+    CuratorTransport,
+    ParticipantTransport,
+    ReconnectPolicy,
+    TransportSettings,
+    connection_parameters,
+    deprovision,
+    generate_password,
+    provision,
+)
+from tessera.transport import topology as topo
+
+BROKER_URL = os.environ.get("TESSERA_TEST_AMQP_URL", "amqp://127.0.0.1:5672/")
+
+
+def _broker_reachable() -> bool:
+    parts = urlsplit(BROKER_URL)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[list[threading.Thread]]:
+    """Skips when there is no broker or no ``rabbitmqctl``; yields the list of background cleanups."""
+    if shutil.which("rabbitmqctl") is None or not _broker_reachable():
+        pytest.skip("needs a local RabbitMQ with rabbitmqctl (run `make broker` / scripts/ensure-broker.sh)")
+    cleanups: list[threading.Thread] = []
+    yield cleanups
+    for thread in cleanups:
+        thread.join(120)
+
+
+@dataclass
+class Federation:
+    """One provisioned test federation and helpers to connect to it as any of its users."""
+
+    federation: str
+    curator_user: str
+    organisations: tuple[str, ...]
+    passwords: dict[str, str]
+    endpoints: list[Any] = field(default_factory=list)
+
+    @property
+    def vhost(self) -> str:
+        return topo.vhost(self.federation)
+
+    @property
+    def a(self) -> str:
+        return self.organisations[0]
+
+    @property
+    def b(self) -> str:
+        return self.organisations[1]
+
+    def url(self, user: str) -> str:
+        parts = urlsplit(BROKER_URL)
+        netloc = f"{quote(user, safe='')}:{quote(self.passwords[user], safe='')}@{parts.hostname}"
+        return f"amqp://{netloc}:{parts.port or 5672}/"
+
+    def settings(self, user: str, *, heartbeat: int = 10, **overrides: Any) -> TransportSettings:
+        connection = ConnectionSettings(
+            url=SecretStr(self.url(user)),
+            heartbeat=heartbeat,
+            reconnect=ReconnectPolicy(initial_delay=0.1, max_delay=1.0),
+        )
+        values: dict[str, Any] = {"connection": connection, "start_timeout": 15.0, "publish_timeout": 15.0}
+        values.update(overrides)
+        return TransportSettings(**values)
+
+    def curator(self, **overrides: Any) -> CuratorTransport:
+        endpoint = CuratorTransport(
+            self.settings(self.curator_user, **overrides),
+            federation=self.federation,
+            organisations=self.organisations,
+            curator_user=self.curator_user,
+        )
+        self.endpoints.append(endpoint)
+        return endpoint.start()
+
+    def participant(self, organisation: str, **overrides: Any) -> ParticipantTransport:
+        endpoint = ParticipantTransport(
+            self.settings(organisation, **overrides),
+            federation=self.federation,
+            organisation=organisation,
+            curator_user=self.curator_user,
+        )
+        self.endpoints.append(endpoint)
+        return endpoint.start()
+
+    def raw(self, user: str) -> pika.BlockingConnection:
+        """A plain pika connection as ``user``, for acting as a hostile or out-of-band client."""
+        settings = ConnectionSettings(url=SecretStr(self.url(user)))
+        return pika.BlockingConnection(connection_parameters(settings, virtual_host=self.vhost))
+
+    def rabbitmqctl(self, *args: str) -> str:
+        done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, check=True)
+        return done.stdout
+
+
+@pytest.fixture
+def fed(broker: list[threading.Thread]) -> Iterator[Federation]:
+    tag = uuid.uuid4().hex[:8]
+    organisations = (f"a-{tag}", f"b-{tag}")
+    curator_user = f"cur-{tag}"
+    passwords = {user: generate_password() for user in (curator_user, *organisations)}
+    federation = Federation(f"t-{tag}", curator_user, organisations, passwords)
+    provision(
+        federation.federation,
+        curator_password=passwords[curator_user],
+        organisation_passwords={o: passwords[o] for o in organisations},
+        curator_user=curator_user,
+    )
+    try:
+        yield federation
+    finally:
+        for endpoint in federation.endpoints:
+            endpoint.close()
+        cleanup = threading.Thread(
+            target=deprovision,
+            args=(federation.federation,),
+            kwargs={"organisations": organisations, "curator_user": curator_user},
+            daemon=True,
+        )
+        cleanup.start()
+        broker.append(cleanup)
