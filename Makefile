@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint typecheck pytest demo broker helm bench clean
+.PHONY: venv test lint typecheck pytest demo broker helm images bench clean
 
 venv: $(VENV)/.installed
 
@@ -38,6 +38,9 @@ pytest: venv broker helm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+images:
+	TORCH_SPEC="$(TORCH_SPEC)" TORCH_PIP_ARGS="$(TORCH_PIP_ARGS)" bash scripts/build-images.sh
 
 demo: venv
 	$(BIN)/python -m tessera.demo

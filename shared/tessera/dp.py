@@ -32,12 +32,10 @@ File format (version 1), a JSON object::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +46,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tessera.errors import ConfigurationError, LocalUsageError
+from tessera.storage import atomic_write_bytes
 
 AccountantKind = Literal["rdp", "prv"]
 """Accounting mechanisms we allow. Opacus' ``gdp`` is an asymptotic approximation, not an upper bound."""
@@ -171,30 +170,6 @@ def plan_noise_multiplier(
 
 def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync folder."""
-    folder = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # platforms without directory fds (Windows): the rename is still atomic
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _merge(history: list[HistoryEntry], entry: HistoryEntry) -> list[HistoryEntry]:
@@ -385,7 +360,7 @@ class PersistentAccountant:
     def _save(self) -> None:
         doc = self._document()
         doc["checksum"] = hashlib.sha256(_canonical(doc)).hexdigest()
-        _atomic_write(self._path, json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n")
+        atomic_write_bytes(self._path, json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n")
 
 
 def _corrupt(path: Path, why: str) -> ConfigurationError:

@@ -157,6 +157,8 @@ class CuratorSession:
         self._seed_shares: dict[int, dict[int, int]] = {}  # owner -> holder -> share of b_owner
         self._key_shares: dict[int, dict[int, int]] = {}  # owner -> holder -> share of s_owner
         self._responded: set[int] = set()
+        self.phase_log: dict[CuratorPhase, tuple[frozenset[int], frozenset[int]]] = {}
+        """For each closed phase: (who was expected, who answered) -- dropouts per phase for logs/metrics."""
 
     # --- driving ----------------------------------------------------------------------------------------------
 
@@ -315,6 +317,7 @@ class CuratorSession:
 
     def _close_phase(self, now: float) -> list[Outgoing]:
         answered = self.received_from()
+        self.phase_log[self.phase] = (self.expected_senders(), answered)
         if len(answered) < self.config.threshold:
             return self._abort(
                 f"phase {self.phase.value}: {len(answered)} participants answered, threshold is {self.config.threshold}"

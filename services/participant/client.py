@@ -1,0 +1,372 @@
+"""An organisation's participant: its main loop reads like one round of ARCHITECTURE.md.
+
+    on a round announcement:
+        check the curator's model is the one this organisation agreed to train
+        refuse (and leave the federation) if training would exceed the privacy budget
+        evaluate the global model on the local validation split
+        train it with DP-SGD on the local training split; the accountant is saved first
+        encode [n_k * update, n_k, evaluation counts, clipped count, epsilon] into the ring; report ready
+    on secure-aggregation messages: drive the protocol state machine with that vector
+    on "finished": stop
+
+A vector is reused for a retried attempt of the same round only if this participant never revealed unmask
+shares for it: after unmasking, the curator may hold that round's sum, and a second sum over a different set
+of participants could expose this organisation's update. Otherwise it trains again (and pays for it in epsilon).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+from tessera import protocol
+from tessera.bus import ParticipantBus, Received
+from tessera.crypto import SigningKey
+from tessera.data import ArrayDataset
+from tessera.dp import PersistentAccountant, PrivacyBudget, plan_noise_multiplier
+from tessera.errors import ConfigurationError, ProtocolError
+from tessera.fedavg import UpdateLayout
+from tessera.models import build_model, load_flat_parameters, model_fingerprint
+from tessera.roster import RosterFile
+from tessera.secagg.config import ParticipantPolicy
+from tessera.secagg.messages import StartAggregation, UnmaskShares
+from tessera.secagg.participant import ParticipantSession, ParticipantState
+from tessera.secagg.wire import WireLimits
+from tessera.secagg.wire import decode as decode_secagg
+from tessera.secagg.wire import encode as encode_secagg
+from torch import nn
+
+from .settings import ParticipantSettings
+from .training import evaluate, train_one_round
+
+log = structlog.get_logger("tessera.participant")
+
+
+class Exit(enum.Enum):
+    FINISHED = "finished"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    MODEL_REFUSED = "model_refused"
+
+
+@dataclass
+class _Work:
+    """This participant's contribution to one round (possibly over several aggregation attempts)."""
+
+    round: int
+    weights_digest: bytes
+    layout: UpdateLayout
+    vector: npt.NDArray[np.unsignedinteger[Any]]
+    revealed: bool = False
+
+
+class Participant:
+    """One organisation in the federation. ``bus`` is a RabbitMQ transport or an in-process endpoint."""
+
+    def __init__(
+        self,
+        settings: ParticipantSettings,
+        roster: RosterFile,
+        identity: SigningKey,
+        bus: ParticipantBus,
+        *,
+        train: ArrayDataset,
+        validation: ArrayDataset,
+        metrics: Any = None,
+        heartbeat: Callable[[], None] = lambda: None,
+    ) -> None:
+        if roster.federation != settings.federation:
+            raise ConfigurationError(
+                f"roster is for federation {roster.federation!r}, settings say {settings.federation!r}"
+            )
+        if settings.organisation not in roster.organisations:
+            raise ConfigurationError(f"organisation {settings.organisation!r} is not in the roster")
+        self.index = roster.index_of(settings.organisation)
+        if roster.secagg_roster().key(self.index) != identity.public_bytes:
+            raise ConfigurationError(
+                f"the identity key does not match the roster entry of {settings.organisation!r}"
+            )
+        self.settings = settings
+        self.roster = roster
+        self.identity = identity
+        self.bus = bus
+        self.train_data = train
+        self.validation = validation
+        self.metrics = metrics
+        self.heartbeat = heartbeat
+        self.model: nn.Module = build_model(settings.model, allowed_imports=settings.allowed_imports)
+        self.fingerprint = model_fingerprint(settings.model, self.model)
+        self.budget: PrivacyBudget | None = None
+        self.accountant: PersistentAccountant | None = None
+        self.noise_multiplier: float | None = None
+        privacy = settings.privacy
+        if privacy.enabled:
+            self.budget = PrivacyBudget(
+                target_epsilon=privacy.target_epsilon,
+                delta=privacy.delta,
+                max_grad_norm=privacy.max_grad_norm,
+                planned_rounds=privacy.planned_rounds,
+                local_epochs=privacy.local_epochs,
+                batch_size=min(privacy.batch_size, len(train)),
+                n_train=len(train),
+            )
+            self.noise_multiplier = plan_noise_multiplier(self.budget, privacy.accountant)
+            self.accountant = PersistentAccountant.load_or_create(
+                settings.state_dir / "accountant.json",
+                self.budget,
+                accountant=privacy.accountant,
+                dataset_fingerprint=train.fingerprint(),
+            )
+            log.info(
+                "privacy_plan",
+                target_epsilon=privacy.target_epsilon,
+                delta=privacy.delta,
+                noise_multiplier=round(self.noise_multiplier, 4),
+                epsilon_spent=round(self.accountant.epsilon(), 4),
+                rounds_done=self.accountant.rounds_done,
+            )
+            self._report_epsilon()
+        else:
+            log.warning(
+                "differential_privacy_disabled",
+                detail="TESSERA_PRIVACY__ENABLED=false: updates carry NO differential-privacy guarantee",
+            )
+        self._work: _Work | None = None
+        self._announcement: protocol.RoundAnnouncement | None = None
+        self._session: ParticipantSession | None = None
+        self._limits: WireLimits | None = None
+        self._rng = np.random.default_rng(
+            secrets.randbits(128) if settings.training_seed is None else settings.training_seed
+        )
+
+    # --- main loop --------------------------------------------------------------------------------------------
+
+    def run(self, *, idle_timeout: float | None = None) -> Exit:
+        """Take part until the curator finishes, the budget is spent, or (if set) nothing arrives for a while."""
+        structlog.contextvars.bind_contextvars(
+            federation=self.settings.federation, organisation=self.settings.organisation
+        )
+        quiet_since = time.monotonic()
+        while True:
+            self.heartbeat()
+            delivery = self.bus.receive(timeout=1.0)
+            if delivery is None:
+                if idle_timeout is not None and time.monotonic() - quiet_since > idle_timeout:
+                    raise TimeoutError(f"no message from the curator for {idle_timeout} s")
+                continue
+            quiet_since = time.monotonic()
+            outcome = self._handle(delivery)
+            if outcome is not None:
+                return outcome
+
+    def _handle(self, delivery: Received) -> Exit | None:
+        if self.metrics is not None:
+            self.metrics.bytes_received.inc(len(delivery.body))
+        try:
+            header, payload = protocol.decode(delivery.body, max_payload=self._max_payload())
+            if getattr(header, "federation", None) != self.settings.federation:
+                raise ProtocolError("message for another federation")
+            if isinstance(header, protocol.RoundAnnouncement):
+                outcome = self._on_round(header, payload)
+            elif isinstance(header, protocol.SecAgg):
+                self._on_secagg(payload)
+                outcome = None
+            elif isinstance(header, protocol.Finished):
+                log.info(
+                    "federation_finished", reason=header.reason, rounds_completed=header.rounds_completed
+                )
+                outcome = Exit.FINISHED
+            else:
+                raise ProtocolError(f"{type(header).__name__} is not a message for participants")
+        except ProtocolError as exc:
+            log.warning("message_rejected", reason=exc.reason, type=delivery.message_type)
+            if self.metrics is not None:
+                self.metrics.rejected_messages.labels(reason="invalid").inc()
+            self.bus.reject(delivery, exc.reason)
+            return None
+        self.bus.ack(delivery)
+        return outcome
+
+    def _max_payload(self) -> int:
+        params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        secagg = self._limits.max_message_bytes if self._limits is not None else 0
+        return max(4 * params, secagg, 1 << 16)
+
+    # --- a round ----------------------------------------------------------------------------------------------
+
+    def _on_round(self, header: protocol.RoundAnnouncement, payload: bytes) -> Exit | None:
+        structlog.contextvars.bind_contextvars(round=header.round, phase="announce")
+        refusal = self._check_model(header)
+        if refusal is not None:
+            log.error("model_refused", reason=refusal)
+            self._leave(protocol.LeaveReason.MODEL_REFUSED, refusal)
+            return Exit.MODEL_REFUSED
+        layout = header.layout.layout()
+        weights = protocol.weights_from_bytes(payload)
+        digest = hashlib.sha256(payload).digest()
+        self._announcement = header
+        self._session = None
+        self._limits = WireLimits(
+            max_participants=len(self.roster.members), vector_length=layout.length, ring_bits=layout.ring_bits
+        )
+        work = self._work
+        reusable = (
+            work is not None
+            and work.round == header.round
+            and work.weights_digest == digest
+            and not work.revealed
+        )
+        if not reusable:
+            if self._budget_spent():
+                return Exit.BUDGET_EXHAUSTED
+            self._work = self._compute(header.round, digest, layout, weights)
+        else:
+            log.info("update_reused", attempt=header.attempt)
+        self.bus.send(
+            protocol.encode(
+                protocol.Ready(
+                    federation=self.settings.federation, round=header.round, attempt=header.attempt
+                )
+            ),
+            message_type="ready",
+        )
+        log.info("ready", attempt=header.attempt)
+        return None
+
+    def _check_model(self, header: protocol.RoundAnnouncement) -> str | None:
+        if header.model != self.settings.model:
+            return (
+                f"the curator's model {header.model.canonical_json()} differs from this organisation's "
+                f"{self.settings.model.canonical_json()}"
+            )
+        if header.model_fingerprint != self.fingerprint:
+            return (
+                f"model fingerprint {header.model_fingerprint[:12]} differs from ours {self.fingerprint[:12]}"
+            )
+        if header.layout.num_classes != self.settings.num_classes:
+            return f"{header.layout.num_classes} classes announced, this organisation has {self.settings.num_classes}"
+        params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        if header.layout.num_params != params:
+            return f"layout for {header.layout.num_params} parameters, the model has {params}"
+        if header.layout.max_participants < len(self.roster.members):
+            return "the layout's bit budget is planned for fewer participants than the roster holds"
+        return None
+
+    def _budget_spent(self) -> bool:
+        if self.accountant is None or self.budget is None or self.noise_multiplier is None:
+            return False
+        if not self.accountant.would_exceed(
+            self.noise_multiplier, self.budget.sample_rate, self.budget.steps_per_round
+        ):
+            return False
+        detail = (
+            f"one more round would take epsilon from {self.accountant.epsilon():.3f} above the target "
+            f"{self.budget.target_epsilon}"
+        )
+        log.warning("privacy_budget_exhausted", detail=detail)
+        self._leave(protocol.LeaveReason.BUDGET_EXHAUSTED, detail)
+        return True
+
+    def _compute(
+        self, round_number: int, digest: bytes, layout: UpdateLayout, weights: npt.NDArray[np.float32]
+    ) -> _Work:
+        structlog.contextvars.bind_contextvars(phase="evaluate")
+        load_flat_parameters(self.model, weights)
+        evaluation = evaluate(self.model, self.validation, self.settings.num_classes)
+        structlog.contextvars.bind_contextvars(phase="train")
+        privacy = self.settings.privacy
+        started = time.monotonic()
+        result = train_one_round(
+            self.model,
+            self.train_data,
+            budget=self.budget,
+            noise_multiplier=self.noise_multiplier,
+            accountant=self.accountant,
+            rng_seed=None
+            if self.settings.training_seed is None
+            else self.settings.training_seed + round_number,
+            lr=privacy.lr,
+            private=privacy.enabled,
+            epochs=None if privacy.enabled else privacy.local_epochs,
+            batch_size=None if privacy.enabled else min(privacy.batch_size, len(self.train_data)),
+            momentum=privacy.momentum,
+        )
+        update = result.weights.astype(np.float64) - weights.astype(np.float64)
+        vector, clipped = layout.encode(
+            update, weight=len(self.train_data), evaluation=evaluation, epsilon=result.epsilon, rng=self._rng
+        )
+        if self.metrics is not None:
+            self.metrics.training_duration.observe(time.monotonic() - started)
+        self._report_epsilon()
+        log.info(
+            "trained",
+            steps=result.steps,
+            seconds=round(result.seconds, 2),
+            epsilon=None if result.epsilon is None else round(result.epsilon, 4),
+            clipped=clipped,
+        )
+        return _Work(round=round_number, weights_digest=digest, layout=layout, vector=vector)
+
+    def _report_epsilon(self) -> None:
+        if self.metrics is None or self.accountant is None or self.budget is None:
+            return
+        spent = self.accountant.epsilon()
+        self.metrics.epsilon_spent.set(spent)
+        self.metrics.epsilon_budget_remaining.set(max(0.0, self.budget.target_epsilon - spent))
+
+    def _leave(self, reason: protocol.LeaveReason, detail: str) -> None:
+        header = protocol.Leave(federation=self.settings.federation, reason=reason, detail=detail[:500])
+        self.bus.send(protocol.encode(header), message_type="leave")
+
+    # --- secure aggregation -----------------------------------------------------------------------------------
+
+    def _on_secagg(self, payload: bytes) -> None:
+        if self._limits is None or self._announcement is None or self._work is None:
+            raise ProtocolError("secure-aggregation message before any round announcement")
+        message = decode_secagg(payload, self._limits)
+        if isinstance(message, StartAggregation):
+            ids = message.config.ids
+            if (ids.round, ids.aggregation) != (self._announcement.round, self._announcement.aggregation):
+                raise ProtocolError(f"aggregation {ids} does not match the announced round")
+            layout = self._work.layout
+            self._session = ParticipantSession(
+                index=self.index,
+                identity=self.identity,
+                roster=self.roster.secagg_roster(),
+                policy=ParticipantPolicy(
+                    federation=self.settings.federation,
+                    vector_length=layout.length,
+                    ring_bits=layout.ring_bits,
+                ),
+                vector=self._work.vector,
+            )
+        if self._session is None:
+            raise ProtocolError(f"{type(message).__name__} outside an aggregation")
+        structlog.contextvars.bind_contextvars(phase=self._session.state.value)
+        replies = self._session.receive(message)  # type: ignore[arg-type]
+        for problem in self._session.share_problems:
+            log.warning("share_problem", reason=problem.reason)
+        self._session.share_problems.clear()
+        for reply in replies:
+            if isinstance(reply, UnmaskShares):
+                self._work.revealed = True  # before sending: a crash now must not allow reuse
+            body = protocol.encode(protocol.SecAgg(federation=self.settings.federation), encode_secagg(reply))
+            self.bus.send(body, message_type="secagg")
+            if self.metrics is not None:
+                self.metrics.bytes_sent.inc(len(body))
+        if self._session.state is ParticipantState.DONE:
+            log.info("aggregation_done")
+            if self.metrics is not None:
+                self.metrics.rounds_completed.inc()
+        elif self._session.state is ParticipantState.ABORTED:
+            log.warning("aggregation_aborted", reason=self._session.abort_reason)
+
+
+__all__ = ["Exit", "Participant"]

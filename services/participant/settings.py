@@ -1,0 +1,117 @@
+"""An organisation's participant configuration: environment variables ``TESSERA_*`` (nested with ``__``).
+
+Example::
+
+    TESSERA_FEDERATION=acme
+    TESSERA_ORGANISATION=hospital-a
+    TESSERA_ROSTER_FILE=/etc/tessera/roster.json
+    TESSERA_IDENTITY_KEY_FILE=/etc/tessera/identity/key
+    TESSERA_STATE_DIR=/var/lib/tessera/participant
+    TESSERA_BROKER__URL=amqps://broker.example:5671/
+    TESSERA_BROKER__USERNAME=hospital-a
+    TESSERA_BROKER__PASSWORD_FILE=/etc/tessera/broker/password
+    TESSERA_MODEL__NAME=mlp
+    TESSERA_MODEL__KWARGS={"input_dim": 30, "hidden": [32], "num_classes": 2}
+    TESSERA_NUM_CLASSES=2
+    TESSERA_DATA__PATH=/data/records.csv
+    TESSERA_DATA__LABEL_COLUMN=diagnosis
+    TESSERA_PRIVACY__TARGET_EPSILON=3
+    TESSERA_PRIVACY__DELTA=1e-5
+    TESSERA_PRIVACY__PLANNED_ROUNDS=10
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from tessera.errors import ConfigurationError
+from tessera.models import ModelSpec
+from tessera.secagg.config import ID_PATTERN
+from tessera.settings import BrokerSettings, HealthSettings, LoggingSettings, settings_error
+
+
+class DataSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: Path = Field(description="the organisation's local data: CSV, MNIST-style IDX (images file) or NPZ")
+    format: Literal["csv", "idx", "npz"] | None = Field(
+        default=None, description="default: from the file name"
+    )
+    labels_path: Path | None = Field(default=None, description="IDX labels file (default: MNIST naming)")
+    label_column: str | None = Field(default=None, description="the label column of a CSV file")
+    drop_columns: tuple[str, ...] = Field(default=(), description="CSV columns that are not features (ids)")
+    encoding_file: Path | None = Field(
+        default=None,
+        description="feature encoding (JSON) shared by all organisations so CSV features are encoded alike",
+    )
+    label_classes: tuple[str, ...] | None = Field(
+        default=None, description="CSV label values in class order (default: sorted values)"
+    )
+    validation_fraction: float = Field(default=0.2, ge=0, lt=1, description="share held out for evaluation")
+    split_seed: int = Field(default=0, ge=0, description="seed of the train/validation split (keep it fixed)")
+
+
+class PrivacySettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(
+        default=True, description="DP-SGD on; false trains WITHOUT differential privacy (logged loudly)"
+    )
+    target_epsilon: float = Field(
+        default=3.0, gt=0, description="epsilon for this organisation's records, total"
+    )
+    delta: float = Field(default=1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) guarantee")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="per-example gradient clipping norm")
+    planned_rounds: int = Field(default=10, ge=1, description="rounds the budget is planned for")
+    local_epochs: float = Field(default=1.0, gt=0, description="epochs of local training per round")
+    batch_size: int = Field(default=64, ge=1, description="expected batch size (Poisson sampling)")
+    lr: float = Field(default=0.1, gt=0, description="local learning rate")
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="local SGD momentum")
+    accountant: Literal["rdp", "prv"] = Field(default="rdp", description="privacy accountant")
+
+
+class ParticipantSettings(BaseSettings):
+    """Every setting of ``tessera participant``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TESSERA_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    federation: str = Field(pattern=ID_PATTERN.pattern, description="federation id")
+    organisation: str = Field(pattern=ID_PATTERN.pattern, description="this organisation's id in the roster")
+    roster_file: Path = Field(description="the federation's roster (from the coordinator)")
+    identity_key_file: Path = Field(
+        description="this organisation's private Ed25519 identity key (hex, 0600)"
+    )
+    state_dir: Path = Field(
+        default=Path("/var/lib/tessera/participant"), description="privacy accountant and local state"
+    )
+    model: ModelSpec = Field(description="the architecture this organisation agreed to train")
+    num_classes: int = Field(ge=2, description="number of classes of the task")
+    allowed_imports: tuple[str, ...] = Field(
+        default=(), description="user model factories (package.module:factory) this participant may build"
+    )
+    data: DataSettings
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    training_seed: int | None = Field(
+        default=None, description="seed for sampling and noise; leave unset in production (OS entropy)"
+    )
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+
+def load_participant_settings(env_file: Path | None = None, **overrides: Any) -> ParticipantSettings:
+    """Build the settings from the environment (and ``env_file``); ConfigurationError names every bad field."""
+    if env_file is not None and not env_file.is_file():
+        raise ConfigurationError(f"env file {env_file} does not exist")
+    try:
+        return ParticipantSettings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise settings_error(exc) from exc
+
+
+__all__ = ["DataSettings", "ParticipantSettings", "PrivacySettings", "load_participant_settings"]

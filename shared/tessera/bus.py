@@ -1,0 +1,147 @@
+"""What the services need from a message bus, and an in-process implementation of it.
+
+The services are written against :class:`CuratorBus` and :class:`ParticipantBus`. Over RabbitMQ they are
+:class:`tessera.transport.CuratorTransport` and :class:`tessera.transport.ParticipantTransport`; for a
+federation inside one process (the demo's fallback when no broker is reachable, research at large n) they
+are the endpoints of a :class:`LocalExchange`, which keeps the properties the services rely on: the sender
+of every message is authenticated by the bus, not by the message, and each inbox is read by its owner only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tessera.errors import LocalUsageError
+
+
+class Received(Protocol):
+    """One whole message taken from an inbox."""
+
+    @property
+    def sender(self) -> str: ...
+
+    @property
+    def body(self) -> bytes: ...
+
+    @property
+    def message_type(self) -> str | None: ...
+
+    @property
+    def redelivered(self) -> bool: ...
+
+
+class CuratorBus(Protocol):
+    def send(self, organisation: str, body: bytes, *, message_type: str) -> str: ...
+
+    def broadcast(self, body: bytes, *, message_type: str) -> str: ...
+
+    def receive(self, timeout: float | None = None) -> Received | None: ...
+
+    # Each bus settles only the deliveries it handed out, hence Any rather than Received.
+    def ack(self, delivery: Any) -> bool: ...
+
+    def reject(self, delivery: Any, reason: str) -> bool: ...
+
+
+class ParticipantBus(Protocol):
+    def send(self, body: bytes, *, message_type: str) -> str: ...
+
+    def receive(self, timeout: float | None = None) -> Received | None: ...
+
+    # Each bus settles only the deliveries it handed out, hence Any rather than Received.
+    def ack(self, delivery: Any) -> bool: ...
+
+    def reject(self, delivery: Any, reason: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class LocalDelivery:
+    sender: str
+    body: bytes = field(repr=False)
+    message_type: str | None
+    message_id: str
+    redelivered: bool = False
+
+
+class LocalExchange:
+    """In-process message routing between one curator and its organisations (thread-safe)."""
+
+    def __init__(self, organisations: tuple[str, ...] | list[str], curator: str = "curator") -> None:
+        self.curator = curator
+        self.organisations = tuple(organisations)
+        self._inboxes: dict[str, queue.Queue[LocalDelivery]] = {
+            name: queue.Queue() for name in (curator, *self.organisations)
+        }
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.dead_letters: list[tuple[LocalDelivery, str]] = []
+
+    def _post(self, sender: str, recipient: str, body: bytes, message_type: str) -> str:
+        with self._lock:
+            message_id = f"local-{next(self._ids)}"
+        self._inboxes[recipient].put(LocalDelivery(sender, bytes(body), message_type, message_id))
+        return message_id
+
+    def curator_endpoint(self) -> LocalCuratorEndpoint:
+        return LocalCuratorEndpoint(self)
+
+    def participant_endpoint(self, organisation: str) -> LocalParticipantEndpoint:
+        if organisation not in self.organisations:
+            raise LocalUsageError(f"{organisation!r} is not an organisation of this exchange")
+        return LocalParticipantEndpoint(self, organisation)
+
+
+class _LocalEndpoint:
+    def __init__(self, exchange: LocalExchange, name: str) -> None:
+        self._exchange = exchange
+        self._name = name
+
+    def receive(self, timeout: float | None = None) -> LocalDelivery | None:
+        try:
+            return self._exchange._inboxes[self._name].get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def ack(self, delivery: Received) -> bool:
+        return True
+
+    def reject(self, delivery: Received, reason: str) -> bool:
+        assert isinstance(delivery, LocalDelivery)
+        self._exchange.dead_letters.append((delivery, reason))
+        return True
+
+
+class LocalCuratorEndpoint(_LocalEndpoint):
+    def __init__(self, exchange: LocalExchange) -> None:
+        super().__init__(exchange, exchange.curator)
+
+    def send(self, organisation: str, body: bytes, *, message_type: str) -> str:
+        if organisation not in self._exchange.organisations:
+            raise LocalUsageError(f"{organisation!r} is not in this federation's roster")
+        return self._exchange._post(self._name, organisation, body, message_type)
+
+    def broadcast(self, body: bytes, *, message_type: str) -> str:
+        ids = [
+            self._exchange._post(self._name, org, body, message_type) for org in self._exchange.organisations
+        ]
+        return ids[0] if ids else ""
+
+
+class LocalParticipantEndpoint(_LocalEndpoint):
+    def send(self, body: bytes, *, message_type: str) -> str:
+        return self._exchange._post(self._name, self._exchange.curator, body, message_type)
+
+
+__all__ = [
+    "CuratorBus",
+    "LocalCuratorEndpoint",
+    "LocalDelivery",
+    "LocalExchange",
+    "LocalParticipantEndpoint",
+    "ParticipantBus",
+    "Received",
+]
