@@ -136,6 +136,8 @@ class Curator:
                 f"{self.fingerprint[:12]}. Use another state_dir or move the checkpoint away."
             )
         saved.restarts += 1
+        # "finished" is re-decided at every start: a curator restarted with a higher round limit goes on.
+        saved.status, saved.stop_reason = "running", None
         for record in saved.history:  # organisations that left stay gone after a restart
             for organisation in record.get("left", []):
                 self.active.discard(organisation)

@@ -37,7 +37,7 @@ from tessera.fedavg import UpdateLayout
 from tessera.models import build_model, load_flat_parameters, model_fingerprint
 from tessera.roster import RosterFile
 from tessera.secagg.config import ParticipantPolicy
-from tessera.secagg.messages import StartAggregation, UnmaskShares
+from tessera.secagg.messages import MaskedInput, StartAggregation, UnmaskShares
 from tessera.secagg.participant import ParticipantSession, ParticipantState
 from tessera.secagg.wire import WireLimits
 from tessera.secagg.wire import decode as decode_secagg
@@ -327,6 +327,15 @@ class Participant:
 
     # --- secure aggregation -----------------------------------------------------------------------------------
 
+    def _maybe_stall(self, reply: object) -> None:
+        """Fault injection for resilience tests (TESSERA_FAULTS__STALL_BEFORE); never set in production."""
+        faults = self.settings.faults
+        kind = {MaskedInput: "masked_input", UnmaskShares: "unmask"}.get(type(reply))
+        round_number = self._announcement.round if self._announcement is not None else None
+        if faults.stall_before is not None and kind == faults.stall_before and round_number == faults.stall_round:
+            log.warning("fault_injection_stall", before=kind, seconds=faults.stall_seconds)
+            time.sleep(faults.stall_seconds)
+
     def _on_secagg(self, payload: bytes) -> None:
         if self._limits is None or self._announcement is None or self._work is None:
             raise ProtocolError("secure-aggregation message before any round announcement")
@@ -355,6 +364,7 @@ class Participant:
             log.warning("share_problem", reason=problem.reason)
         self._session.share_problems.clear()
         for reply in replies:
+            self._maybe_stall(reply)
             if isinstance(reply, UnmaskShares):
                 self._work.revealed = True  # before sending: a crash now must not allow reuse
             body = protocol.encode(protocol.SecAgg(federation=self.settings.federation), encode_secagg(reply))

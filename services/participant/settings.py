@@ -73,6 +73,18 @@ class PrivacySettings(BaseModel):
     accountant: Literal["rdp", "prv"] = Field(default="rdp", description="privacy accountant")
 
 
+class FaultInjection(BaseModel):
+    """For resilience tests only: make this participant hang at a chosen point so a test can kill it there."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stall_before: Literal["masked_input", "unmask"] | None = Field(
+        default=None, description="TESTING ONLY: hang before sending this secure-aggregation message"
+    )
+    stall_seconds: float = Field(default=3600.0, gt=0, description="TESTING ONLY: how long to hang")
+    stall_round: int = Field(default=1, ge=1, description="TESTING ONLY: the round in which to hang")
+
+
 class ParticipantSettings(BaseSettings):
     """Every setting of ``tessera participant``."""
 
@@ -99,6 +111,7 @@ class ParticipantSettings(BaseSettings):
     training_seed: int | None = Field(
         default=None, description="seed for sampling and noise; leave unset in production (OS entropy)"
     )
+    faults: FaultInjection = Field(default_factory=FaultInjection, description="testing only")
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

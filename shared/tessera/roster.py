@@ -138,19 +138,17 @@ def create_federation(
     roster_path = directory / "roster.json"
     if roster_path.exists():
         raise ConfigurationError(f"{roster_path} already exists; remove it first to create a new federation")
-    members = []
-    keys = {}
-    for index, organisation in enumerate(organisations, start=1):
-        key = SigningKey.generate()
-        keys[organisation] = key
-        members.append(Member(organisation=organisation, index=index, identity_key=key.public_bytes.hex()))
+    keys = {organisation: SigningKey.generate() for organisation in organisations}
     try:
-        roster = RosterFile(federation=federation, curator_user=curator_user, members=tuple(members))
+        members = tuple(
+            Member(organisation=organisation, index=index, identity_key=keys[organisation].public_bytes.hex())
+            for index, organisation in enumerate(organisations, start=1)
+        )
+        roster = RosterFile(federation=federation, curator_user=curator_user, members=members)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ConfigurationError(
-            f"{'.'.join(str(p) for p in first['loc']) or 'roster'}: {first['msg']}"
-        ) from exc
+        where = ".".join(str(p) for p in first["loc"]) or "roster"
+        raise ConfigurationError(f"{where}: {first['msg']} (got {first.get('input')!r})") from exc
     for organisation, key in keys.items():
         write_identity_key(directory / "keys" / f"{organisation}.key", key)
     roster.save(roster_path)

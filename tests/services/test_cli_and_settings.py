@@ -1,0 +1,116 @@
+"""The command line, the roster and settings validation: bad input gets a clear message, nothing changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tessera.crypto import SigningKey
+from tessera.curator.settings import load_curator_settings
+from tessera.errors import ConfigurationError
+from tessera.participant.settings import load_participant_settings
+from tessera.roster import RosterFile, create_federation, load_identity_key, write_identity_key
+
+
+def _tessera(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    return subprocess.run(
+        [sys.executable, "-m", "tessera.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**clean, **(env or {})},
+    )
+
+
+def test_roster_init_and_show(tmp_path: Path) -> None:
+    out = _tessera(
+        "roster", "init", "--federation", "acme", "--organisations", "a-co,b-co,c-co", "--out", str(tmp_path)
+    )
+    assert out.returncode == 0, out.stderr
+    roster = RosterFile.load(tmp_path / "roster.json")
+    assert roster.organisations == ("a-co", "b-co", "c-co")
+    key = load_identity_key(tmp_path / "keys" / "b-co.key")
+    assert roster.secagg_roster().key(roster.index_of("b-co")) == key.public_bytes
+    assert (tmp_path / "keys" / "b-co.key").stat().st_mode & 0o077 == 0
+    shown = _tessera("roster", "show", str(tmp_path / "roster.json"))
+    assert "b-co" in shown.stdout
+    again = _tessera(
+        "roster", "init", "--federation", "acme", "--organisations", "x-co,y-co", "--out", str(tmp_path)
+    )
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert RosterFile.load(tmp_path / "roster.json").organisations == ("a-co", "b-co", "c-co")  # unchanged
+
+
+@pytest.mark.parametrize(
+    ("organisations", "message"),
+    [
+        ("a-co,curator", "reserved"),
+        ("a-co,a-co", "unique"),
+        ("only-one", "at least two"),
+        ("A-Co,b", "pattern"),
+    ],
+)
+def test_bad_rosters_are_refused(tmp_path: Path, organisations: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        create_federation("acme", organisations.split(","), tmp_path)
+    assert not (tmp_path / "roster.json").exists()
+
+
+def test_identity_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    write_identity_key(path, SigningKey.generate())
+    path.chmod(0o644)
+    with pytest.raises(ConfigurationError, match="chmod 600"):
+        load_identity_key(path)
+    path.write_text("not hex")
+    path.chmod(0o600)
+    with pytest.raises(ConfigurationError, match="64 hex digits"):
+        load_identity_key(path)
+
+
+def test_settings_errors_name_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("TESSERA_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("TESSERA_FEDERATION", "acme")
+    monkeypatch.setenv("TESSERA_ROSTER_FILE", str(tmp_path / "roster.json"))
+    monkeypatch.setenv("TESSERA_MODEL__NAME", "mlp")
+    monkeypatch.setenv("TESSERA_NUM_CLASSES", "1")
+    monkeypatch.setenv("TESSERA_ROUNDS__MAX_ROUNDS", "zero")
+    with pytest.raises(ConfigurationError) as error:
+        load_curator_settings()
+    text = str(error.value)
+    assert "TESSERA_NUM_CLASSES" in text and "TESSERA_ROUNDS__MAX_ROUNDS" in text
+    monkeypatch.setenv("TESSERA_NUM_CLASSES", "2")
+    monkeypatch.setenv("TESSERA_ROUNDS__MAX_ROUNDS", "5")
+    monkeypatch.setenv("TESSERA_ROUNDS__MAX_ROUNDZ", "5")
+    with pytest.raises(ConfigurationError, match="TESSERA_ROUNDS__MAX_ROUNDZ: Extra inputs"):
+        load_curator_settings()
+    monkeypatch.delenv("TESSERA_ROUNDS__MAX_ROUNDZ")
+    assert load_curator_settings().rounds.max_rounds == 5
+    env_file = tmp_path / "p.env"
+    env_file.write_text(
+        "TESSERA_ORGANISATION=b-co\nTESSERA_IDENTITY_KEY_FILE=/k\nTESSERA_DATA__PATH=/d.csv\n"
+    )
+    settings = load_participant_settings(env_file)
+    assert settings.organisation == "b-co" and settings.privacy.enabled
+
+
+def test_cli_reports_configuration_errors_with_status_2(tmp_path: Path) -> None:
+    out = _tessera("curator", env={"TESSERA_FEDERATION": "Not Valid"})
+    assert out.returncode == 2
+    assert "TESSERA_FEDERATION" in out.stderr and "Traceback" not in out.stderr
+    listing = _tessera("settings", "participant")
+    assert listing.returncode == 0
+    assert "TESSERA_PRIVACY__TARGET_EPSILON" in listing.stdout and "TESSERA_BROKER__URL" in listing.stdout
+
+
+def test_roster_file_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "roster.json"
+    path.write_text(json.dumps({"federation": "acme", "members": [], "surprise": 1}))
+    with pytest.raises(ConfigurationError, match=f"roster file {path}"):
+        RosterFile.load(path)
