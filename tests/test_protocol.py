@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from tessera import protocol
 from tessera.errors import ProtocolError
 from tessera.fedavg import UpdateLayout
@@ -47,7 +46,7 @@ def test_every_message_round_trips() -> None:
         assert decoded == header and body == payload
     _, payload = protocol.decode(protocol.encode(*_all()[0]), max_payload=1024)
     assert np.array_equal(protocol.weights_from_bytes(payload), WEIGHTS)
-    assert LAYOUT == ANNOUNCEMENT.layout.layout()
+    assert ANNOUNCEMENT.layout.layout() == LAYOUT
 
 
 def _with_header(fields: dict, kind: int = 2, payload: bytes = b"") -> bytes:

@@ -332,7 +332,11 @@ class Participant:
         faults = self.settings.faults
         kind = {MaskedInput: "masked_input", UnmaskShares: "unmask"}.get(type(reply))
         round_number = self._announcement.round if self._announcement is not None else None
-        if faults.stall_before is not None and kind == faults.stall_before and round_number == faults.stall_round:
+        if (
+            faults.stall_before is not None
+            and kind == faults.stall_before
+            and round_number == faults.stall_round
+        ):
             log.warning("fault_injection_stall", before=kind, seconds=faults.stall_seconds)
             time.sleep(faults.stall_seconds)
 

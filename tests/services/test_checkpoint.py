@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tessera.curator import checkpoint
 from tessera.errors import ConfigurationError
 
@@ -63,7 +62,7 @@ def test_a_damaged_checkpoint_is_an_error_that_says_what_to_do(tmp_path: Path) -
     assert checkpoint.load(tmp_path) is not None
     path = tmp_path / checkpoint.CHECKPOINT
     path.write_bytes(path.read_bytes()[:50])
-    with pytest.raises(ConfigurationError, match="is damaged .* move it away"):
+    with pytest.raises(ConfigurationError, match=r"is damaged .* move it away"):
         checkpoint.load(tmp_path)
 
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tessera.crypto import SigningKey
 from tessera.curator.settings import load_curator_settings
 from tessera.errors import ConfigurationError

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from tessera.curator import checkpoint
 from tessera.curator.settings import CuratorSettings
 from tessera.data import ArrayDataset, train_validation_split
