@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint typecheck pytest demo broker helm images bench clean
+.PHONY: venv test lint typecheck pytest demo broker helm images e2e-kind bench clean
 
 venv: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ test: lint typecheck pytest
 
 images:
 	TORCH_SPEC="$(TORCH_SPEC)" TORCH_PIP_ARGS="$(TORCH_PIP_ARGS)" bash scripts/build-images.sh
+
+# Needs Docker and kind (not available on every host): a real cluster, the images, three companies.
+e2e-kind: venv helm
+	bash e2e/kind/run.sh
 
 demo: venv
 	$(BIN)/python -m tessera.demo

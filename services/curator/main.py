@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import structlog
 from prometheus_client import CollectorRegistry
 from tessera.data import load_dataset
 from tessera.observability import CuratorMetrics, HealthServer
 from tessera.roster import RosterFile
-from tessera.settings import configure_logging
+from tessera.settings import configure_logging, install_stop_handlers, serve_until_stopped
 from tessera.transport import CuratorTransport
 
 from .rounds import Curator
@@ -19,6 +21,8 @@ log = structlog.get_logger("tessera.curator")
 def run_curator(settings: CuratorSettings) -> int:
     """Run the curator over RabbitMQ until the federation finishes; returns a process exit code."""
     configure_logging(settings.logging)
+    stop = threading.Event()
+    install_stop_handlers(stop)
     roster = RosterFile.load(settings.roster_file)
     validation = None
     if settings.validation is not None:
@@ -54,6 +58,9 @@ def run_curator(settings: CuratorSettings) -> int:
                 health.set_ready(True)
             state = curator.run()
         log.info("curator_exit", status=state.status, reason=state.stop_reason, rounds=state.rounds_completed)
+        if health is not None and settings.health.linger_after_finish and not stop.is_set():
+            log.info("serving_until_stopped", detail="federation finished; health and metrics stay up")
+            serve_until_stopped(stop, health.beat)
         return 0
     finally:
         if health is not None:

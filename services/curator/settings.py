@@ -20,12 +20,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tessera.errors import ConfigurationError
 from tessera.models import ModelSpec
 from tessera.secagg.config import ID_PATTERN
-from tessera.settings import BrokerSettings, HealthSettings, LoggingSettings, settings_error
+from tessera.settings import (
+    BrokerSettings,
+    HealthSettings,
+    LoggingSettings,
+    reject_unknown_variables,
+    settings_error,
+)
 
 
 class RoundSettings(BaseModel):
@@ -78,6 +84,12 @@ class SecAggSettings(BaseModel):
         default=60.0, gt=0, description="seconds each secure-aggregation phase waits"
     )
 
+    @field_validator("ring_bits", mode="before")
+    @classmethod
+    def _ring_bits_from_text(cls, value: Any) -> Any:
+        # Environment variables arrive as text, and pydantic does not coerce "64" to Literal[32, 64].
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
 
 class ValidationSetSettings(BaseModel):
     """An optional validation set the curator holds itself (public or synthetic data)."""
@@ -126,6 +138,7 @@ def load_curator_settings(env_file: Path | None = None, **overrides: Any) -> Cur
     """Build the settings from the environment (and ``env_file``); ConfigurationError names every bad field."""
     if env_file is not None and not env_file.is_file():
         raise ConfigurationError(f"env file {env_file} does not exist")
+    reject_unknown_variables(CuratorSettings)
     try:
         return CuratorSettings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
     except ValidationError as exc:

@@ -142,6 +142,7 @@ class Participant:
         self._announcement: protocol.RoundAnnouncement | None = None
         self._session: ParticipantSession | None = None
         self._limits: WireLimits | None = None
+        self._announced: set[str] = set()  # aggregation ids announced in the current round
         self._rng = np.random.default_rng(
             secrets.randbits(128) if settings.training_seed is None else settings.training_seed
         )
@@ -202,6 +203,15 @@ class Participant:
     # --- a round ----------------------------------------------------------------------------------------------
 
     def _on_round(self, header: protocol.RoundAnnouncement, payload: bytes) -> Exit | None:
+        # A replayed or redelivered announcement must not restart work (or spend privacy) on an old model.
+        current = self._announcement
+        if current is not None and header.round < current.round:
+            raise ProtocolError(f"stale announcement of round {header.round} during round {current.round}")
+        if header.aggregation in self._announced:
+            raise ProtocolError(f"repeated announcement of aggregation {header.aggregation}")
+        if current is None or header.round > current.round:
+            self._announced.clear()
+        self._announced.add(header.aggregation)
         structlog.contextvars.bind_contextvars(round=header.round, phase="announce")
         refusal = self._check_model(header)
         if refusal is not None:
@@ -348,6 +358,8 @@ class Participant:
             ids = message.config.ids
             if (ids.round, ids.aggregation) != (self._announcement.round, self._announcement.aggregation):
                 raise ProtocolError(f"aggregation {ids} does not match the announced round")
+            if self._session is not None:  # a replay or redelivery must not restart the session with new keys
+                raise ProtocolError(f"duplicate start of aggregation {ids.aggregation}")
             layout = self._work.layout
             self._session = ParticipantSession(
                 index=self.index,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import structlog
 from prometheus_client import CollectorRegistry
 from tessera.data import ArrayDataset, FeatureEncoding, load_dataset, train_validation_split
 from tessera.errors import ConfigurationError
 from tessera.observability import HealthServer, ParticipantMetrics
 from tessera.roster import RosterFile, load_identity_key
-from tessera.settings import configure_logging
+from tessera.settings import configure_logging, install_stop_handlers, serve_until_stopped
 from tessera.transport import ParticipantTransport
 
 from .client import Exit, Participant
@@ -40,6 +42,8 @@ def load_local_data(data: DataSettings) -> tuple[ArrayDataset, ArrayDataset]:
 def run_participant(settings: ParticipantSettings) -> int:
     """Take part in the federation over RabbitMQ; returns a process exit code (0: finished normally)."""
     configure_logging(settings.logging)
+    stop = threading.Event()
+    install_stop_handlers(stop)
     roster = RosterFile.load(settings.roster_file)
     identity = load_identity_key(settings.identity_key_file)
     train, validation = load_local_data(settings.data)
@@ -75,7 +79,14 @@ def run_participant(settings: ParticipantSettings) -> int:
                 health.set_ready(True)
             outcome = participant.run()
         log.info("participant_exit", outcome=outcome.value)
-        return 0 if outcome in (Exit.FINISHED, Exit.BUDGET_EXHAUSTED) else 3
+        code = 0 if outcome in (Exit.FINISHED, Exit.BUDGET_EXHAUSTED) else 3
+        if health is not None and settings.health.linger_after_finish and not stop.is_set():
+            log.info(
+                "serving_until_stopped",
+                detail="no more rounds for this participant; health and metrics stay up",
+            )
+            serve_until_stopped(stop, health.beat)
+        return code
     finally:
         if health is not None:
             health.close()

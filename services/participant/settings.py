@@ -30,7 +30,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from tessera.errors import ConfigurationError
 from tessera.models import ModelSpec
 from tessera.secagg.config import ID_PATTERN
-from tessera.settings import BrokerSettings, HealthSettings, LoggingSettings, settings_error
+from tessera.settings import (
+    BrokerSettings,
+    HealthSettings,
+    LoggingSettings,
+    reject_unknown_variables,
+    settings_error,
+)
 
 
 class DataSettings(BaseModel):
@@ -121,6 +127,7 @@ def load_participant_settings(env_file: Path | None = None, **overrides: Any) ->
     """Build the settings from the environment (and ``env_file``); ConfigurationError names every bad field."""
     if env_file is not None and not env_file.is_file():
         raise ConfigurationError(f"env file {env_file} does not exist")
+    reject_unknown_variables(ParticipantSettings)
     try:
         return ParticipantSettings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
     except ValidationError as exc:

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
+import signal
 import sys
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +99,11 @@ class HealthSettings(BaseModel):
     port: int = Field(
         default=9100, ge=0, le=65535, description="port of the health and metrics server (0: any)"
     )
+    linger_after_finish: bool = Field(
+        default=False,
+        description="after the federation finishes, keep serving /healthz and /metrics until stopped "
+        "(for Kubernetes Deployments, which would otherwise restart the exited container)",
+    )
 
 
 def configure_logging(settings: LoggingSettings) -> None:
@@ -140,6 +149,90 @@ def configure_logging(settings: LoggingSettings) -> None:
     logging.getLogger("pika").setLevel(logging.WARNING)
 
 
+# TESSERA_ variables that are not settings: read directly by tessera.roster, or by the tests and the demo.
+NON_SETTINGS_VARIABLES = frozenset({"TESSERA_ALLOW_SHARED_KEY_FILE", "TESSERA_DATA_DIR"})
+NON_SETTINGS_PREFIXES = ("TESSERA_TEST_", "TESSERA_DEMO_", "TESSERA_BENCH_")
+
+
+def _is_nested(annotation: Any) -> bool:
+    return any(
+        isinstance(a, type) and issubclass(a, BaseModel)
+        for a in getattr(annotation, "__args__", (annotation,))
+    )
+
+
+def unknown_variables(
+    model: type[BaseModel], environ: Mapping[str, str] | None = None, prefix: str = "TESSERA_"
+) -> list[str]:
+    """The ``prefix`` variables in ``environ`` (default: the process environment) that name no setting.
+
+    pydantic-settings silently ignores an environment variable that matches no top-level field (its
+    ``extra="forbid"`` covers only nested models and env files), so a typo such as ``TESSERA_STATE_DIRS``
+    would leave the default in force. Only the top-level name is checked here; nested names
+    (``TESSERA_ROUNDS__MAX_ROUNDZ``) are rejected by the nested models themselves.
+    """
+    fields = model.model_fields
+    unknown = []
+    for name in os.environ if environ is None else environ:
+        upper = name.upper()  # pydantic-settings matches names case-insensitively
+        if (
+            not upper.startswith(prefix)
+            or upper in NON_SETTINGS_VARIABLES
+            or upper.startswith(NON_SETTINGS_PREFIXES)
+        ):
+            continue
+        head, nested, _ = upper[len(prefix) :].partition("__")
+        field = fields.get(head.lower())
+        if field is None or (nested and not _is_nested(field.annotation)):
+            unknown.append(name)
+    return sorted(unknown)
+
+
+def reject_unknown_variables(
+    model: type[BaseModel], environ: Mapping[str, str] | None = None, prefix: str = "TESSERA_"
+) -> None:
+    """Raise ConfigurationError naming every ``prefix`` variable that is not a setting of ``model``.
+
+    Fix: correct the variable's name (``tessera settings curator|participant`` lists them all), or remove
+    it if it belongs to the other service.
+    """
+    unknown = unknown_variables(model, environ, prefix)
+    if unknown:
+        raise ConfigurationError(
+            "invalid configuration:\n  "
+            + "\n  ".join(
+                f"{name}: not a setting of this service (see `tessera settings`)" for name in unknown
+            )
+        )
+
+
+def serve_until_stopped(stop: threading.Event, beat: Callable[[], None]) -> None:
+    """Block until ``stop`` is set (by SIGTERM/SIGINT through :func:`install_stop_handlers`), still beating
+    so the liveness probe keeps passing."""
+    beat()
+    while not stop.wait(10):
+        beat()
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT end the service cleanly: set ``stop`` and raise SystemExit in the main thread.
+
+    As PID 1 in a container the process would otherwise ignore SIGTERM and be killed after the grace period.
+    The curator's state is saved after every round and a participant's accountant before every training,
+    so leaving mid-round loses nothing: the round in flight is restarted with fresh keys.
+    """
+
+    def handler(signum: int, _frame: object) -> None:
+        first = not stop.is_set()
+        stop.set()
+        if first:
+            structlog.get_logger("tessera").info("stop_requested", signal=signal.Signals(signum).name)
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
 def settings_error(exc: ValidationError, prefix: str = "TESSERA_") -> ConfigurationError:
     """Turn pydantic's validation error into one message naming each bad variable."""
     lines = []
@@ -155,5 +248,9 @@ __all__ = [
     "LogFormat",
     "LoggingSettings",
     "configure_logging",
+    "install_stop_handlers",
+    "reject_unknown_variables",
+    "serve_until_stopped",
     "settings_error",
+    "unknown_variables",
 ]

@@ -91,6 +91,10 @@ def test_settings_errors_name_the_variable(tmp_path: Path, monkeypatch: pytest.M
         load_curator_settings()
     monkeypatch.delenv("TESSERA_ROUNDS__MAX_ROUNDZ")
     assert load_curator_settings().rounds.max_rounds == 5
+    for key in ("TESSERA_ROUNDS__MAX_ROUNDS", "TESSERA_NUM_CLASSES", "TESSERA_MODEL__NAME"):
+        monkeypatch.delenv(key)  # curator settings: the participant refuses variables that are not its own
+    monkeypatch.setenv("TESSERA_MODEL__NAME", "mlp")
+    monkeypatch.setenv("TESSERA_NUM_CLASSES", "2")
     env_file = tmp_path / "p.env"
     env_file.write_text(
         "TESSERA_ORGANISATION=b-co\nTESSERA_IDENTITY_KEY_FILE=/k\nTESSERA_DATA__PATH=/d.csv\n"

@@ -71,19 +71,24 @@ tessera.io/federation: {{ .Values.federation.id | quote }}
 {{- if or (not .Values.tls.enabled) (not .Values.tls.disablePlainListener) -}}true{{- end -}}
 {{- end -}}
 
+{{/* The curator's broker user name (docs/topology.md: `curator` unless the roster names another). */}}
+{{- define "tessera-broker.curatorUser" -}}
+{{- .Values.auth.curator.username | default "curator" -}}
+{{- end -}}
+
 {{/*
 Broker users: the curator, then each organisation. Returns a YAML list of
-{name, secretName, secretKey, generated}. `generated` means the chart owns the Secret.
+{name, curator, secretName, secretKey, generated}. `generated` means the chart owns the Secret.
 */}}
 {{- define "tessera-broker.users" -}}
 {{- $fullname := include "tessera-broker.fullname" . -}}
 {{- $users := list -}}
 {{- $c := .Values.auth.curator -}}
-{{- $users = append $users (dict "name" "curator" "secretName" (default (printf "%s-user-curator" $fullname) $c.existingSecret) "secretKey" (ternary $c.existingSecretKey "password" (not (empty $c.existingSecret))) "generated" (empty $c.existingSecret)) -}}
+{{- $users = append $users (dict "name" (include "tessera-broker.curatorUser" .) "curator" true "secretName" (default (printf "%s-user-curator" $fullname) $c.existingSecret) "secretKey" (ternary $c.existingSecretKey "password" (not (empty $c.existingSecret))) "generated" (empty $c.existingSecret)) -}}
 {{- range .Values.organisations -}}
 {{- $existing := .existingSecret | default "" -}}
 {{- $key := .existingSecretKey | default "password" -}}
-{{- $users = append $users (dict "name" .id "secretName" (default (printf "%s-user-%s" $fullname .id) $existing) "secretKey" (ternary $key "password" (not (empty $existing))) "generated" (empty $existing)) -}}
+{{- $users = append $users (dict "name" .id "curator" false "secretName" (default (printf "%s-user-%s" $fullname .id) $existing) "secretKey" (ternary $key "password" (not (empty $existing))) "generated" (empty $existing)) -}}
 {{- end -}}
 {{- toYaml $users -}}
 {{- end -}}
@@ -115,17 +120,17 @@ Arguments: dict "ctx" $ "name" <secret name> "key" <data key>
 
 {{/*
 Permissions and topic permissions of one broker user, exactly as in docs/topology.md (the contract
-with tessera.transport; change all three together). Argument: the user name (`curator` or an
-organisation id; ids match ^[a-z0-9-]+$, so they need no regex escaping).
-Output: TSV lines of the provisioning plan, see provisioning-plan.tsv in configmap.yaml.
+with tessera.transport; change all three together). Argument: one entry of "tessera-broker.users"
+(its name is the curator's user or an organisation id; ids match ^[a-z0-9-]+$, so they need no regex
+escaping). Output: TSV lines of the provisioning plan, see plan.tsv in configmap.yaml.
 */}}
 {{- define "tessera-broker.grants" -}}
-{{- $u := . -}}
+{{- $u := .name -}}
 {{- $t := "\t" -}}
-{{- if eq $u "curator" -}}
+{{- if .curator -}}
 {{- /* "Permissions": the curator declares the whole topology. "Topic permissions": to.<anything>. */ -}}
-{{- list "permissions" "curator" `^(tessera\..*|participant\..*|curator\..*)$` `^(tessera\.to-participants|tessera\.dead-letter|participant\..*|curator\..*)$` `^(tessera\..*|participant\..*|curator\..*)$` | join $t }}
-{{ list "topic_permissions" "curator" "tessera.to-participants" `^to\..+$` `^to\..+$` | join $t }}
+{{- list "permissions" $u `^(tessera\..*|participant\..*|curator\..*)$` `^(tessera\.to-participants|tessera\.dead-letter|participant\..*|curator\..*)$` `^(tessera\..*|participant\..*|curator\..*)$` | join $t }}
+{{ list "topic_permissions" $u "tessera.to-participants" `^to\..+$` `^to\..+$` | join $t }}
 {{- else -}}
 {{- /* "Permissions": an organisation declares nothing, publishes only to tessera.to-curator (never
        amq.default) and reads only its own inbox. "Topic permissions": routing keys of its own only. */ -}}
@@ -152,6 +157,12 @@ Secret) and installs run with --skip-schema-validation.
 {{- if not .Values.organisations -}}
 {{- $msgs = append $msgs "organisations is empty: list at least one, e.g. organisations: [{id: hospital-a}]." -}}
 {{- end -}}
+{{- $curatorUser := include "tessera-broker.curatorUser" . -}}
+{{- if not (regexMatch $idPattern $curatorUser) -}}
+{{- $msgs = append $msgs (printf "auth.curator.username %q is invalid: use 1-32 lowercase letters, digits or '-' (it must equal curator_user in the roster)." $curatorUser) -}}
+{{- else if has $curatorUser (list "guest" "all") -}}
+{{- $msgs = append $msgs (printf "auth.curator.username %q is reserved: keep the default `curator` or pick another name (and put it in the roster as curator_user)." $curatorUser) -}}
+{{- end -}}
 {{- $seen := dict -}}
 {{- range $i, $org := .Values.organisations -}}
 {{- $id := toString ($org.id | default "") -}}
@@ -159,6 +170,9 @@ Secret) and installs run with --skip-schema-validation.
 {{- $msgs = append $msgs (printf "organisations[%d].id %q is reserved (the curator's broker user is `curator`; `guest` is RabbitMQ's default user): rename the organisation." $i $id) -}}
 {{- else if not (regexMatch $idPattern $id) -}}
 {{- $msgs = append $msgs (printf "organisations[%d].id %q is invalid: use 1-32 lowercase letters, digits or '-', starting and ending with a letter or digit (it names a broker user and Kubernetes objects)." $i $id) -}}
+{{- end -}}
+{{- if and (eq $id $curatorUser) (ne $id "curator") -}}
+{{- $msgs = append $msgs (printf "organisations[%d].id %q equals auth.curator.username: the curator's broker user and an organisation's must differ." $i $id) -}}
 {{- end -}}
 {{- if hasKey $seen $id -}}
 {{- $msgs = append $msgs (printf "organisations[%d].id %q is listed twice: each organisation appears once." $i $id) -}}
