@@ -244,7 +244,7 @@ class Curator:
         log.info("round_announced", attempt=attempt, active=len(self.active), bytes=len(body))
 
         structlog.contextvars.bind_contextvars(phase="training")
-        ready = self._collect_ready(round_number, attempt, started + self.settings.rounds.training_timeout)
+        ready = self._collect_ready(aggregation, started + self.settings.rounds.training_timeout)
         training_seconds = self.clock() - started
         if len(ready) < self.settings.rounds.min_participants:
             return RoundOutcome(
@@ -255,7 +255,7 @@ class Curator:
         outcome.phase_seconds = {"training": training_seconds, **outcome.phase_seconds}
         return outcome
 
-    def _collect_ready(self, round_number: int, attempt: int, deadline: float) -> set[str]:
+    def _collect_ready(self, aggregation: str, deadline: float) -> set[str]:
         ready: set[str] = set()
         while ready < self.active and self.clock() < deadline:
             self.heartbeat()
@@ -266,10 +266,7 @@ class Curator:
             if parsed is None:
                 continue
             header, _ = parsed
-            if isinstance(header, protocol.Ready) and (header.round, header.attempt) == (
-                round_number,
-                attempt,
-            ):
+            if isinstance(header, protocol.Ready) and header.aggregation == aggregation:
                 ready.add(delivery.sender)
                 log.info(
                     "participant_ready",

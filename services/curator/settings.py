@@ -43,8 +43,9 @@ class RoundSettings(BaseModel):
     )
     min_participants: int = Field(
         default=3,
-        ge=2,
-        description="fewest participants a round may aggregate over; fewer left ends training",
+        ge=3,
+        description="fewest participants a round may aggregate over (at least 3: with two, each could "
+        "subtract its own update from the sum); fewer left ends training",
     )
     training_timeout: float = Field(
         default=600.0,

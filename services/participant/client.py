@@ -242,7 +242,10 @@ class Participant:
         self.bus.send(
             protocol.encode(
                 protocol.Ready(
-                    federation=self.settings.federation, round=header.round, attempt=header.attempt
+                    federation=self.settings.federation,
+                    round=header.round,
+                    attempt=header.attempt,
+                    aggregation=header.aggregation,
                 )
             ),
             message_type="ready",

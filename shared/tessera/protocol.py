@@ -95,6 +95,8 @@ class Ready(_Header):
     federation: FederationId
     round: RoundNumber
     attempt: Annotated[int, Field(ge=0, lt=2**31)]
+    # The announced aggregation id: attempt numbers restart after a curator restart, aggregation ids never repeat.
+    aggregation: Annotated[str, Field(pattern=AGGREGATION_ID_PATTERN.pattern)]
 
 
 class LeaveReason(enum.Enum):
