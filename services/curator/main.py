@@ -7,9 +7,14 @@ import threading
 import structlog
 from prometheus_client import CollectorRegistry
 from tessera.data import load_dataset
-from tessera.observability import CuratorMetrics, HealthServer
+from tessera.observability import CuratorMetrics
 from tessera.roster import RosterFile
-from tessera.settings import configure_logging, install_stop_handlers, serve_until_stopped
+from tessera.settings import (
+    configure_logging,
+    install_stop_handlers,
+    serve_until_stopped,
+    start_health_server,
+)
 from tessera.transport import CuratorTransport
 
 from .rounds import Curator
@@ -30,14 +35,7 @@ def run_curator(settings: CuratorSettings) -> int:
         validation = load_dataset(v.path, label_column=v.label_column, labels_path=v.labels_path)
     registry = CollectorRegistry()
     metrics = CuratorMetrics(registry)
-    health = (
-        HealthServer(settings.health.host, settings.health.port, registry)
-        if settings.health.enabled
-        else None
-    )
-    if health is not None:
-        health.start()
-        log.info("health_server_started", port=health.port)
+    health = start_health_server(settings.health, registry)
     try:
         transport = CuratorTransport(
             settings.broker.transport(),

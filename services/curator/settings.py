@@ -20,17 +20,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from tessera.errors import ConfigurationError
 from tessera.models import ModelSpec
 from tessera.secagg.config import ID_PATTERN
 from tessera.settings import (
     BrokerSettings,
     HealthSettings,
     LoggingSettings,
-    reject_unknown_variables,
-    settings_error,
+    load_settings,
 )
 
 
@@ -137,13 +135,7 @@ class CuratorSettings(BaseSettings):
 
 def load_curator_settings(env_file: Path | None = None, **overrides: Any) -> CuratorSettings:
     """Build the settings from the environment (and ``env_file``); ConfigurationError names every bad field."""
-    if env_file is not None and not env_file.is_file():
-        raise ConfigurationError(f"env file {env_file} does not exist")
-    reject_unknown_variables(CuratorSettings)
-    try:
-        return CuratorSettings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
-    except ValidationError as exc:
-        raise settings_error(exc) from exc
+    return load_settings(CuratorSettings, env_file, **overrides)
 
 
 __all__ = [

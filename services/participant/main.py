@@ -8,9 +8,14 @@ import structlog
 from prometheus_client import CollectorRegistry
 from tessera.data import ArrayDataset, FeatureEncoding, load_dataset, train_validation_split
 from tessera.errors import ConfigurationError
-from tessera.observability import HealthServer, ParticipantMetrics
+from tessera.observability import ParticipantMetrics
 from tessera.roster import RosterFile, load_identity_key
-from tessera.settings import configure_logging, install_stop_handlers, serve_until_stopped
+from tessera.settings import (
+    configure_logging,
+    install_stop_handlers,
+    serve_until_stopped,
+    start_health_server,
+)
 from tessera.transport import ParticipantTransport
 
 from .client import Exit, Participant
@@ -50,13 +55,7 @@ def run_participant(settings: ParticipantSettings) -> int:
     log.info("data_loaded", train=len(train), validation=len(validation))
     registry = CollectorRegistry()
     metrics = ParticipantMetrics(registry)
-    health = (
-        HealthServer(settings.health.host, settings.health.port, registry)
-        if settings.health.enabled
-        else None
-    )
-    if health is not None:
-        health.start()
+    health = start_health_server(settings.health, registry)
     try:
         transport = ParticipantTransport(
             settings.broker.transport(),

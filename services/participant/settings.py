@@ -25,17 +25,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from tessera.errors import ConfigurationError
 from tessera.models import ModelSpec
 from tessera.secagg.config import ID_PATTERN
 from tessera.settings import (
     BrokerSettings,
     HealthSettings,
     LoggingSettings,
-    reject_unknown_variables,
-    settings_error,
+    load_settings,
 )
 
 
@@ -125,13 +123,7 @@ class ParticipantSettings(BaseSettings):
 
 def load_participant_settings(env_file: Path | None = None, **overrides: Any) -> ParticipantSettings:
     """Build the settings from the environment (and ``env_file``); ConfigurationError names every bad field."""
-    if env_file is not None and not env_file.is_file():
-        raise ConfigurationError(f"env file {env_file} does not exist")
-    reject_unknown_variables(ParticipantSettings)
-    try:
-        return ParticipantSettings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
-    except ValidationError as exc:
-        raise settings_error(exc) from exc
+    return load_settings(ParticipantSettings, env_file, **overrides)
 
 
 __all__ = ["DataSettings", "ParticipantSettings", "PrivacySettings", "load_participant_settings"]

@@ -16,10 +16,11 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings
 
 from tessera.errors import ConfigurationError
 from tessera.transport import ConnectionSettings, TlsSettings, TransportSettings
@@ -233,6 +234,33 @@ def install_stop_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def load_settings(cls: type[SettingsT], env_file: Path | None = None, **overrides: Any) -> SettingsT:
+    """A service's settings from the environment (and ``env_file``); ConfigurationError names every bad
+    variable, including ``TESSERA_*`` variables that are no setting of this service."""
+    if env_file is not None and not env_file.is_file():
+        raise ConfigurationError(f"env file {env_file} does not exist")
+    reject_unknown_variables(cls)
+    try:
+        return cls(_env_file=env_file, **overrides)
+    except ValidationError as exc:
+        raise settings_error(exc) from exc
+
+
+def start_health_server(settings: HealthSettings, registry: Any) -> Any:
+    """The service's health and metrics server, started; None when disabled."""
+    if not settings.enabled:
+        return None
+    from tessera.observability import HealthServer
+
+    server = HealthServer(settings.host, settings.port, registry)
+    server.start()
+    structlog.get_logger("tessera").info("health_server_started", port=server.port)
+    return server
+
+
 def settings_error(exc: ValidationError, prefix: str = "TESSERA_") -> ConfigurationError:
     """Turn pydantic's validation error into one message naming each bad variable."""
     lines = []
@@ -249,8 +277,10 @@ __all__ = [
     "LoggingSettings",
     "configure_logging",
     "install_stop_handlers",
+    "load_settings",
     "reject_unknown_variables",
     "serve_until_stopped",
     "settings_error",
+    "start_health_server",
     "unknown_variables",
 ]
