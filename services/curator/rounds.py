@@ -369,6 +369,11 @@ class Curator:
         try:
             if isinstance(header, protocol.Leave):
                 self._on_leave(delivery.sender, header)
+                self.bus.ack(delivery)
+                return []
+            if isinstance(header, protocol.Ready):  # late for its round: harmless, same as in _collect_ready
+                log.info("message_dropped", reason="stale", kind="Ready", sender=delivery.sender)
+                self.bus.ack(delivery)
                 return []
             if not isinstance(header, protocol.SecAgg):
                 raise ProtocolError(f"{type(header).__name__} is not expected during aggregation")
