@@ -91,7 +91,10 @@ class Curator:
         self.metrics = metrics
         self.heartbeat = heartbeat
         self.clock = clock
-        self.model = build_model(settings.model)
+        # The curator's own configuration names its model, so an import spec there is trusted (participants,
+        # who receive the spec from the curator, build one only if their own allowed_imports lists it).
+        self._allowed_imports = (settings.model.import_target,) if settings.model.import_target else ()
+        self.model = build_model(settings.model, allowed_imports=self._allowed_imports)
         self.fingerprint = model_fingerprint(settings.model, self.model)
         n = len(roster.members)
         secagg = settings.secagg
@@ -120,7 +123,7 @@ class Curator:
         saved = checkpoint.load(self.settings.state_dir)
         if saved is None:
             torch.manual_seed(self.settings.rounds.seed)
-            fresh = build_model(self.settings.model)
+            fresh = build_model(self.settings.model, allowed_imports=self._allowed_imports)
             state = checkpoint.CuratorState(
                 federation=self.settings.federation,
                 model=self.settings.model.model_dump(),

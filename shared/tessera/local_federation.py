@@ -63,6 +63,11 @@ def run_local_federation(
                 validation=validation,
             )
         )
+    if curator_validation is None and curator_settings.validation is not None:
+        from tessera.data import load_dataset
+
+        v = curator_settings.validation
+        curator_validation = load_dataset(v.path, label_column=v.label_column, labels_path=v.labels_path)
     curator = Curator(curator_settings, roster, exchange.curator_endpoint(), validation=curator_validation)
 
     def participate(p: Any) -> None:
