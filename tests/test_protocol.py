@@ -63,12 +63,18 @@ def _with_header(fields: dict, kind: int = 2, payload: bytes = b"") -> bytes:
         (b"TFL\x01\x63\x00\x00\x00\x00", "unknown message kind 99"),
         (b"TFL\x01\x02\xff\xff\xff\xff", "header length"),
         (_with_header({"federation": "fed", "round": 1}), "attempt: Field required"),
-        (_with_header({"federation": "fed", "round": 1, "attempt": 0, "aggregation": "a", "extra": 1}), "extra: Extra inputs"),
+        (
+            _with_header({"federation": "fed", "round": 1, "attempt": 0, "aggregation": "a", "extra": 1}),
+            "extra: Extra inputs",
+        ),
         (
             _with_header({"federation": "Bad Fed", "round": 1, "attempt": 0, "aggregation": "a"}),
             "federation: String should match",
         ),
-        (_with_header({"federation": "fed", "round": -1, "attempt": 0, "aggregation": "a"}), "round: Input should be greater"),
+        (
+            _with_header({"federation": "fed", "round": -1, "attempt": 0, "aggregation": "a"}),
+            "round: Input should be greater",
+        ),
         (_with_header([1, 2]), "JSON object"),  # type: ignore[arg-type]
         (b"TFL\x01\x02\x00\x00\x00\x02{x", "not valid JSON"),
     ],
