@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -170,6 +171,7 @@ class Rollout:
     pods: dict[str, LocalPod] = field(default_factory=dict)
     exit_codes: dict[str, int | None] = field(default_factory=dict)
     probes: dict[str, dict[str, int]] = field(default_factory=dict)
+    lingering: dict[str, int] = field(default_factory=dict)  # liveness status after finishing
     metrics: dict[str, bytes] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     logs: Path = Path()
@@ -314,13 +316,29 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
         wait_ready(state.pods[company], "participant", process, state)
     state.timings["ready"] = round(time.monotonic() - started, 1)
 
-    try:
-        curator_process.wait(FEDERATION_TIMEOUT_S)
-        for process in participants.values():
-            process.wait(30)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the federation did not finish in {FEDERATION_TIMEOUT_S} s:\n{state.log_tails()}")
+    # The charts render TESSERA_HEALTH__LINGER_AFTER_FINISH=true (a Deployment would restart an exited
+    # container): a finished service keeps its probes green until it is stopped, then exits 0 on SIGTERM.
+    running = {"curator": (curator_pod, "curator", curator_process)} | {
+        company: (state.pods[company], "participant", process) for company, process in participants.items()
+    }
+    deadline = time.monotonic() + FEDERATION_TIMEOUT_S
+    for name, (pod, container, process) in running.items():
+        log = state.logs / f"{name}.log"
+        while '"serving_until_stopped"' not in log.read_text(errors="replace"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(
+                    f"the federation did not finish in {FEDERATION_TIMEOUT_S} s:\n{state.log_tails()}"
+                )
+            time.sleep(0.5)
+        state.lingering[name] = pod.probe(container, "livenessProbe")[0]
     state.timings["finished"] = round(time.monotonic() - started, 1)
+    for _, _, process in running.values():
+        process.send_signal(signal.SIGTERM)
+    for _, _, process in running.values():
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a service ignored SIGTERM:\n{state.log_tails()}")
     state.exit_codes = {"curator": curator_process.returncode} | {
         c: p.returncode for c, p in participants.items()
     }
@@ -360,6 +378,7 @@ def test_each_company_keeps_its_own_state(rollout: Rollout) -> None:
 
 
 def test_rendered_probes_and_metrics_answer(rollout: Rollout) -> None:
+    assert rollout.lingering == dict.fromkeys(["curator", *COMPANIES], 200)
     assert set(rollout.probes) == {"tessera", *COMPANIES}
     for namespace, probes in rollout.probes.items():
         assert probes == {"startupProbe": 200, "livenessProbe": 200, "readinessProbe": 200}, namespace
