@@ -32,9 +32,7 @@ import copy
 import csv
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -60,27 +58,7 @@ NUM_CLASSES = 2
 T = TypeVar("T")
 
 
-# --- session: the broker -------------------------------------------------------------------------------------
-
-
-def _broker_reachable() -> bool:
-    parts = urlsplit(BROKER_URL)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="session")
-def broker() -> Iterator[list[threading.Thread]]:
-    """Skips without a local broker and ``rabbitmqctl``; yields the list of background deprovisionings."""
-    if shutil.which("rabbitmqctl") is None or not _broker_reachable():
-        pytest.skip("needs a local RabbitMQ with rabbitmqctl (run scripts/ensure-broker.sh)")
-    cleanups: list[threading.Thread] = []
-    yield cleanups
-    for thread in cleanups:
-        thread.join(120)
+# --- session: test reports ------------------------------------------------------------------------------------
 
 
 @pytest.hookimpl(hookwrapper=True)
