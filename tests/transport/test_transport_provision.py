@@ -29,7 +29,10 @@ def definitions() -> dict:
 
 
 def authenticates(user: str, password: str) -> bool:
-    done = subprocess.run(["rabbitmqctl", "-q", "authenticate_user", user, password], capture_output=True)
+    # "--": a password may start with a dash, which rabbitmqctl would read as an option.
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", "authenticate_user", "--", user, password], capture_output=True
+    )
     return done.returncode == 0
 
 

@@ -42,8 +42,14 @@ log = structlog.get_logger("tessera.transport")
 
 
 def generate_password() -> str:
-    """A fresh random broker password (256 bits, URL-safe)."""
-    return secrets.token_urlsafe(32)
+    """A fresh random broker password (256 bits, URL-safe) that does not start with ``-``.
+
+    Operators paste passwords into command lines (``rabbitmqctl change_password``, ``kubectl create secret``),
+    where a leading dash is read as an option: the password is redrawn instead (1 time in 64).
+    """
+    while (password := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return password
 
 
 @dataclass(frozen=True)
