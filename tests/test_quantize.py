@@ -259,6 +259,50 @@ def test_clipping_count_matches_the_number_of_values_outside_the_range(x: npt.ND
     assert q.encode(x, rng=np.random.default_rng(0)).clipped == outside
 
 
+def reference_encode(q: Quantizer, x: npt.NDArray[Any], weight: int, rng: np.random.Generator) -> Any:
+    """The encoding written as plainly as possible, on whole float64 arrays: clip count, scale, clip, NaN to
+    0, stochastic rounding, weight, two's complement."""
+    x64 = np.asarray(x, dtype=np.float64)
+    clipped = int(np.count_nonzero(~(np.abs(x64) <= q.clip)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = np.nan_to_num(np.clip(x64 * q.scale, -q.max_level, q.max_level), nan=0.0)
+    low = np.floor(y)
+    q_int = (low + (rng.random(y.shape[0]) < (y - low))).astype(np.int64) * weight
+    return q_int.astype(q.dtype), clipped
+
+
+@pytest.mark.parametrize("ring_bits", RINGS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("length", [1, 32_767, 32_768, 32_769, 100_001])
+def test_blockwise_encoding_equals_the_plain_formula_bit_for_bit(
+    ring_bits: RingBits, dtype: type[Any], length: int
+) -> None:
+    # encode_into works in blocks of 2^15 coordinates; block edges must change nothing, noise draws included.
+    q = quantizer(value_bits=11, max_weight=1000, max_participants=16, clip=0.7, ring_bits=ring_bits)
+    x = np.random.default_rng(length).normal(0, 0.5, length)
+    x[:: max(1, length // 7)] = np.nan
+    x[1 :: max(1, length // 5)] = -np.inf
+    x = x.astype(dtype)
+    encoded = q.encode(x, weight=777, rng=np.random.default_rng(11))
+    expected, clipped = reference_encode(q, x, 777, np.random.default_rng(11))
+    assert encoded.clipped == clipped
+    np.testing.assert_array_equal(encoded.values, expected)
+
+
+def test_encode_into_writes_into_the_given_buffer_and_checks_it() -> None:
+    q = quantizer(value_bits=11, max_weight=4, ring_bits=32)
+    x = np.linspace(-2, 2, 1000)
+    out = np.zeros(1000, dtype=np.uint32)
+    assert (
+        q.encode_into(x, out, weight=4, rng=np.random.default_rng(3))
+        == q.encode(x, weight=4, rng=np.random.default_rng(3)).clipped
+    )
+    np.testing.assert_array_equal(out, q.encode(x, weight=4, rng=np.random.default_rng(3)).values)
+    for bad in (np.zeros(1000, dtype=np.uint64), np.zeros(999, dtype=np.uint32), [0] * 1000):
+        with pytest.raises(LocalUsageError, match="out must be"):
+            q.encode_into(x, bad, rng=np.random.default_rng(3))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("ring_bits", "dtype"), [(32, np.uint32), (64, np.uint64)])
 def test_negatives_are_twos_complement_and_round_trip(ring_bits: RingBits, dtype: type[Any]) -> None:
     q = quantizer(value_bits=20, max_weight=100, max_participants=4, ring_bits=ring_bits)

@@ -109,7 +109,8 @@ class UpdateLayout:
         if evaluation.confusion.shape != (self.num_classes, self.num_classes):
             raise LocalUsageError(f"confusion matrix must be {self.num_classes}x{self.num_classes}")
         quantizer = self.quantizer
-        encoded = quantizer.encode(np.asarray(update, dtype=np.float64), weight=weight, rng=rng)
+        vector = np.empty(self.length, dtype=quantizer.dtype)
+        clipped = quantizer.encode_into(update, vector[: self.num_params], weight=weight, rng=rng)
         loss = min(evaluation.loss_sum, MAX_LOSS_PER_EXAMPLE * evaluation.total)
         counts = np.concatenate(
             [
@@ -118,7 +119,7 @@ class UpdateLayout:
                 ),
                 evaluation.confusion.astype(np.int64).ravel(),
                 np.array(
-                    [encoded.clipped, round((epsilon or 0.0) * EPSILON_SCALE), int(epsilon is None)],
+                    [clipped, round((epsilon or 0.0) * EPSILON_SCALE), int(epsilon is None)],
                     dtype=np.int64,
                 ),
             ]
@@ -129,8 +130,8 @@ class UpdateLayout:
         if (high > quantizer.max_integer).any():
             raise LocalUsageError("a count is too large for this layout's bit budget")
         digits = np.stack([high, low], axis=1).ravel()
-        vector = np.concatenate([encoded.values, quantizer.encode_integers(digits)])
-        return vector, encoded.clipped
+        vector[self.num_params :] = quantizer.encode_integers(digits)
+        return vector, clipped
 
     def decode(self, total: npt.NDArray[np.unsignedinteger[Any]]) -> Aggregate:
         """Read the federated average and the summed metrics from the secure sum."""

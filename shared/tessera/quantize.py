@@ -35,8 +35,8 @@ Exact integer fields (sample counts, correct-prediction counts, confusion-matrix
 vector and the same budget: :meth:`Quantizer.encode_integers` encodes them without scaling and rejects any
 magnitude above ``2^(value_bits-1) * max_weight - 1``, the per-participant bound the budget was computed for.
 
-Everything is vectorised with numpy and uses int64 arithmetic, which is exact here (see
-:meth:`Quantizer.encode`). Randomness is a parameter (a :class:`numpy.random.Generator`), so tests are
+Everything is vectorised with numpy and exact: quantised levels are integers below 2^52 in float64, weighting
+happens in the ring's signed integer type (see :meth:`Quantizer.encode_into`). Randomness is a parameter (a :class:`numpy.random.Generator`), so tests are
 deterministic; in production pass a generator seeded from the system's entropy.
 """
 
@@ -60,6 +60,9 @@ MAX_VALUE_BITS = 53
 """float64 carries 53 significant bits. With more value bits the scaled value ``x * scale`` is already rounded
 to a coarser grid than the integers before the stochastic rounding sees it, so the rounding would no longer be
 unbiased; and 53 value bits already resolve 2^-52 of the clip range."""
+
+_BLOCK = 1 << 15
+"""Coordinates :meth:`Quantizer.encode_into` works on at a time (256 KiB per float64 buffer)."""
 
 _RING_DTYPES: dict[int, type[np.unsignedinteger[Any]]] = {32: np.uint32, 64: np.uint64}
 _SIGNED_DTYPES: dict[int, type[np.signedinteger[Any]]] = {32: np.int32, 64: np.int64}
@@ -217,6 +220,26 @@ class Quantizer:
         Raises :class:`LocalUsageError` on a wrong argument; fix the call.
         """
         _check_1d(x, "x", kinds="fiu")
+        values = np.empty(x.shape[0], dtype=self.dtype)
+        clipped = self.encode_into(x, values, weight=weight, rng=rng)
+        return Encoded(values=values, clipped=clipped)
+
+    def encode_into(
+        self,
+        x: npt.NDArray[np.floating[Any]],
+        out: npt.NDArray[np.unsignedinteger[Any]],
+        *,
+        weight: int = 1,
+        rng: np.random.Generator,
+    ) -> int:
+        """:meth:`encode` writing the ring elements into ``out`` (same length, this ring's dtype), so a caller
+        that assembles a longer vector avoids a copy. Returns the number of clipped coordinates.
+
+        The same ``rng`` draws give the same output as :meth:`encode`.
+        """
+        _check_1d(x, "x", kinds="fiu")
+        if not isinstance(out, np.ndarray) or out.dtype != self.dtype or out.shape != x.shape:
+            raise LocalUsageError(f"out must be a {self.dtype} array of shape {x.shape}")
         if not _is_int(weight):
             raise LocalUsageError(f"weight must be an int, got {type(weight).__name__} {weight!r}")
         weight = int(weight)
@@ -228,29 +251,60 @@ class Quantizer:
         if not isinstance(rng, np.random.Generator):
             raise LocalUsageError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
 
-        x64 = np.asarray(x, dtype=np.float64)
-        # `not (|x| <= clip)` is also true for NaN, which is counted as clipped on purpose.
-        clipped = int(np.count_nonzero(~(np.abs(x64) <= self.clip)))
+        if x.dtype.kind != "f":
+            x = x.astype(np.float64)  # |int8(-128)| would overflow in the integer type
+        # Blocks of _BLOCK coordinates through small reused buffers: a 1M-coordinate update in one piece would
+        # page-fault in some 30 MB of fresh temporaries, which took longer than the arithmetic (this runs on
+        # every participant in every round). Drawing the rounding noise block by block gives the same numbers
+        # as one draw of the whole length.
+        n = x.shape[0]
+        block = max(1, min(n, _BLOCK))
+        y = np.empty(block, dtype=np.float64)
+        low = np.empty(block, dtype=np.float64)
+        noise = np.empty(block, dtype=np.float64)
+        flags = np.empty(block, dtype=np.bool_)
         level = float(self.max_level)  # exact: max_level < 2^52 since value_bits <= 53
-        # Clip in the scaled domain: a coordinate at or beyond +-clip lands exactly on +-max_level whatever
-        # the float rounding of x * scale, so clipped values (+-inf too) decode to exactly max_level / scale.
-        with np.errstate(over="ignore"):  # a huge finite x overflows to +-inf, which the clip below handles
-            y = x64 * self.scale
-        np.clip(y, -level, level, out=y)
-        if clipped:
-            np.nan_to_num(y, copy=False, nan=0.0)
-        low = np.floor(y)
-        # Unbiased stochastic rounding: round up with probability frac, so E[q] = y. |y| <= max_level, an
-        # integer, so q never exceeds max_level in magnitude (frac is 0 at the end points).
-        round_up = rng.random(y.shape[0]) < (y - low)
-        q = low.astype(np.int64)
-        q += round_up
+        clip = np.float64(self.clip)  # a float64 scalar: float32 input is compared in float64 too
+        signed = out.view(_SIGNED_DTYPES[self.ring_bits])
+        clipped = 0
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            xs, ys, lows, us, fs = (
+                x[start:stop],
+                y[: stop - start],
+                low[: stop - start],
+                noise[: stop - start],
+                flags[: stop - start],
+            )
+            # `not (|x| <= clip)` is also true for NaN, which is counted as clipped on purpose.
+            np.abs(xs, out=ys, dtype=np.float64)
+            np.less_equal(ys, clip, out=fs)
+            clipped += (stop - start) - int(np.count_nonzero(fs))
+            # Clip in the scaled domain: a coordinate at or beyond +-clip lands exactly on +-max_level whatever
+            # the float rounding of x * scale, so clipped values (+-inf too) decode to exactly
+            # max_level / scale.
+            with np.errstate(over="ignore", invalid="ignore"):  # huge finite x -> +-inf, clipped below
+                np.multiply(xs, self.scale, out=ys, dtype=np.float64)
+            np.clip(ys, -level, level, out=ys)
+            np.isnan(ys, out=fs)  # NaN survives the clip; it encodes as 0 (and was counted above)
+            if fs.any():
+                ys[fs] = 0.0
+            np.floor(ys, out=lows)
+            # Unbiased stochastic rounding: round up with probability frac = y - floor(y), so E[q] = y.
+            # |y| <= max_level, an integer, so q never exceeds max_level (frac is 0 at the end points).
+            np.subtract(ys, lows, out=ys)  # frac, exact: y and floor(y) are within 1 of each other
+            rng.random(out=us)
+            np.less(us, ys, out=fs)
+            np.add(lows, fs, out=lows)  # q: integers of magnitude <= max_level < 2^52, exact in float64
+            # Two's complement mod R by writing q into the signed view of the ring buffer (casting a
+            # negative float straight to an unsigned type is undefined in C). |q| < 2^(ring_bits - 1).
+            np.copyto(signed[start:stop], lows, casting="unsafe")
         if weight != 1:
-            # Exact in int64: |q * weight| <= (2^(value_bits-1) - 1) * max_weight, which is below
-            # 2^(value_bits-1+weight_bits); the budget check at construction gives
-            # value_bits + weight_bits <= ring_bits - 1 <= 63, so the product is below 2^62.
-            q *= weight
-        return Encoded(values=self._to_ring(q), clipped=clipped)
+            # Exact in the signed ring type: |q * weight| <= (2^(value_bits-1) - 1) * max_weight, below
+            # 2^(value_bits-1+weight_bits), and the budget check at construction gives
+            # value_bits + weight_bits <= ring_bits - 1.
+            np.multiply(signed, weight, out=signed)
+        return clipped
 
     def encode_integers(self, counts: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.unsignedinteger[Any]]:
         """Encode exact integers (counts, confusion-matrix entries), signed or not, without scaling.
