@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tessera.crypto import (
     AgreementKey,
     CryptoFailure,
     SigningKey,
+    add_mask_stream,
     hkdf,
     hkdf_sha256,
     mask_stream,
@@ -79,6 +82,37 @@ def test_seal_requires_matching_associated_data_and_detects_tampering() -> None:
         open_sealed(key, flipped, associated_data=b"fed/1/a0|1->2")
     with pytest.raises(CryptoFailure):
         open_sealed(key, b"short", associated_data=b"")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.binary(min_size=32, max_size=32),
+    length=st.sampled_from([0, 1, 3, 65_535, 65_536, 65_537, 200_003]),
+    ring_bits=st.sampled_from([32, 64]),
+)
+def test_the_openssl_keystream_is_pycryptodomes_aes_256_ctr(seed: bytes, length: int, ring_bits: int) -> None:
+    # Two independent AES-CTR implementations agree: the PRG is exactly AES-256-CTR from a zero counter.
+    from Crypto.Cipher import AES
+
+    width = ring_bits // 8
+    expected = AES.new(seed, AES.MODE_CTR, nonce=b"", initial_value=0).encrypt(bytes(length * width))
+    stream = mask_stream(seed, length, ring_bits)  # type: ignore[arg-type]
+    assert stream.shape == (length,) and stream.tobytes() == expected
+    # Added block by block in place (both signs), the same stream arrives, wrapping mod 2^ring_bits.
+    dtype = np.uint32 if ring_bits == 32 else np.uint64
+    start = np.random.default_rng(length).integers(0, np.iinfo(dtype).max, length, dtype=dtype, endpoint=True)
+    acc = start.copy()
+    add_mask_stream(acc, seed)
+    np.testing.assert_array_equal(acc, start + stream)
+    add_mask_stream(acc, seed, subtract=True)
+    np.testing.assert_array_equal(acc, start)
+
+
+def test_add_mask_stream_rejects_a_bad_accumulator_or_seed() -> None:
+    with pytest.raises(ValueError, match="accumulator"):
+        add_mask_stream(np.zeros(4, dtype=np.int64), bytes(32))
+    with pytest.raises(ValueError, match="32 bytes"):
+        add_mask_stream(np.zeros(4, dtype=np.uint32), bytes(31))
 
 
 def test_mask_stream_is_aes_ctr_keyed_by_the_whole_seed() -> None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
-
-from tessera.crypto import KEY_BYTES, AgreementKey, commit, hkdf, mask_stream
+from tessera.crypto import KEY_BYTES, AgreementKey, add_mask_stream, commit, hkdf
 from tessera.secagg.config import RingBits, SessionIds
 from tessera.secagg.messages import RingVector
 from tessera.secagg.shamir import SHARE_BYTES
@@ -50,21 +48,20 @@ def seed_commitment(seed: bytes, ids: SessionIds, owner: int) -> bytes:
 
 def add_pairwise_mask(acc: RingVector, seed: bytes, *, own: int, peer: int, ring_bits: RingBits) -> None:
     """acc += p_(own,peer): +PRG(s_uv) if own < peer else -PRG(s_uv), mod R, in place."""
-    stream = mask_stream(seed, acc.shape[0], ring_bits)
-    if own < peer:
-        np.add(acc, stream, out=acc)
-    else:
-        np.subtract(acc, stream, out=acc)
+    _check_ring(acc, ring_bits)
+    add_mask_stream(acc, seed, subtract=own > peer)
 
 
 def add_self_mask(
     acc: RingVector, seed: bytes, ids: SessionIds, owner: int, ring_bits: RingBits, sign: int
 ) -> None:
-    stream = mask_stream(self_mask_seed(seed, ids, owner), acc.shape[0], ring_bits)
-    if sign > 0:
-        np.add(acc, stream, out=acc)
-    else:
-        np.subtract(acc, stream, out=acc)
+    _check_ring(acc, ring_bits)
+    add_mask_stream(acc, self_mask_seed(seed, ids, owner), subtract=sign < 0)
+
+
+def _check_ring(acc: RingVector, ring_bits: RingBits) -> None:
+    if acc.dtype.itemsize * 8 != ring_bits:
+        raise ValueError(f"a {acc.dtype} vector is not in the {ring_bits}-bit ring")
 
 
 __all__ = [
