@@ -390,6 +390,9 @@ class Participant:
             self.bus.send(body, message_type="secagg")
             if self.metrics is not None:
                 self.metrics.bytes_sent.inc(len(body))
+        # Shares sent: mask the input now, while the curator waits for everybody else's shares, rather than
+        # after ForwardedShares arrives (n - 1 keystreams of the vector's size; a no-op in other states).
+        self._session.prepare_masked_input()
         if self._session.state is ParticipantState.DONE:
             log.info("aggregation_done")
             if self.metrics is not None:

@@ -131,6 +131,9 @@ class ParticipantSession:
         self._own_shares: tuple[int, int] = (0, 0)  # own share of (s_u, b_u)
         self._held: dict[int, tuple[int, int]] = {}  # owner -> (share of s_owner, share of b_owner)
         self._u2: frozenset[int] = frozenset()  # senders this participant got shares from, plus itself
+        # The masked input computed ahead of ForwardedShares (prepare_masked_input) against these peers.
+        self._premasked: RingVector | None = None
+        self._premasked_peers: frozenset[int] = frozenset()
         self._survivors: tuple[int, ...] = ()
 
     # --- dispatch ---------------------------------------------------------------------------------------------
@@ -260,6 +263,34 @@ class ParticipantSession:
 
     # --- phase 2 ----------------------------------------------------------------------------------------------
 
+    def prepare_masked_input(self) -> bool:
+        """Compute the masked input now, against every neighbour that advertised keys, so that answering
+        ForwardedShares costs one copy instead of n - 1 keystreams. Optional, and the result is the same.
+
+        Meant for the driver to call right after sending its shares, while the curator collects everybody
+        else's: that wait is otherwise idle. Neighbours whose shares do not arrive (they dropped between the
+        two phases) have their masks taken out again then. Returns whether it did anything (only in the
+        state after ShareKeys, once).
+        """
+        if self.state is not ParticipantState.SHARED or self._premasked is not None:
+            return False
+        self._premasked = self._mask(self._neighbours)
+        self._premasked_peers = self._neighbours
+        return True
+
+    def _mask(self, peers: frozenset[int]) -> RingVector:
+        """The input plus the self mask plus the pairwise mask with each of ``peers``."""
+        config = self.config
+        assert self._masking_key is not None
+        masked = self._vector.copy()
+        add_self_mask(masked, self._seed, config.ids, self.index, config.ring_bits, +1)
+        for v in sorted(peers - {self.index}):
+            seed = pairwise_seed(
+                self._masking_key, self._advertised[v].masking_key, config.ids, self.index, v
+            )
+            add_pairwise_mask(masked, seed, own=self.index, peer=v, ring_bits=config.ring_bits)
+        return masked
+
     def _on_forwarded(self, message: ForwardedShares) -> list[ParticipantMessage]:
         config = self.config
         senders = [item.peer for item in message.shares]
@@ -290,13 +321,18 @@ class ParticipantSession:
                     ProtocolError(f"share ciphertext from participant {u} does not open: {exc}", sender=u)
                 )
 
-        masked = self._vector.copy()
-        add_self_mask(masked, self._seed, config.ids, self.index, config.ring_bits, +1)
-        for v in sorted(u2 - {self.index}):
-            seed = pairwise_seed(
-                self._masking_key, self._advertised[v].masking_key, config.ids, self.index, v
-            )
-            add_pairwise_mask(masked, seed, own=self.index, peer=v, ring_bits=config.ring_bits)
+        if self._premasked is None:
+            masked = self._mask(u2)
+        else:
+            # Masked ahead against all neighbours in U1: take out the masks of those not in U2. (u2 is a
+            # subset of the neighbours plus this participant: strangers were refused above.)
+            masked, self._premasked = self._premasked, None
+            for v in sorted(self._premasked_peers - u2):
+                seed = pairwise_seed(
+                    self._masking_key, self._advertised[v].masking_key, config.ids, self.index, v
+                )
+                # Adding the pair's mask with the roles swapped is subtracting it.
+                add_pairwise_mask(masked, seed, own=v, peer=self.index, ring_bits=config.ring_bits)
         self._held = held
         self._u2 = u2
         self.share_problems.extend(problems)
@@ -439,6 +475,7 @@ class ParticipantSession:
     def _discard_secrets(self) -> None:
         self._masking_key = self._encryption_key = None
         self._seed = b""
+        self._premasked = None
         self._held = {}
         self._own_shares = (0, 0)
 

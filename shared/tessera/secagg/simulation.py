@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from tessera.crypto import RandomSource, SigningKey, system_random
@@ -107,8 +107,13 @@ def simulate(
     identities: Mapping[int, SigningKey] | None = None,
     rand: RandomSource = system_random,
     record_view: bool = False,
+    premask: Collection[int] = (),
 ) -> SimulationResult:
-    """Run one aggregation in process; ``inputs`` maps each invited participant to its ring vector."""
+    """Run one aggregation in process; ``inputs`` maps each invited participant to its ring vector.
+
+    Participants in ``premask`` compute their masked input right after sending their shares
+    (:meth:`ParticipantSession.prepare_masked_input`, as the services do), the others on ForwardedShares.
+    """
     dropouts = dict(dropouts or {})
     if roster is None or identities is None:
         roster, identities = make_federation(max(config.participants), rand)
@@ -163,6 +168,8 @@ def simulate(
                     dropouts[u] = phase
                     answers = []
                 encoded = [encode(a) for a in answers]
+                if u in premask:
+                    participants[u].prepare_masked_input()
                 seconds[u][phase.value] += time.perf_counter() - t0
                 for data in encoded:
                     bytes_up[u] += len(data)
