@@ -15,8 +15,9 @@ harness, on the same broker topology, with the same round message:
   (weight = its sample count, plus the 214 count coordinates of a 10-class layout) and sends ``ready``; the
   curator runs :class:`~tessera.secagg.curator.CuratorSession` (full graph, threshold floor(2n/3)+1) against
   one :class:`~tessera.secagg.participant.ParticipantSession` per participant, every message in the secagg
-  wire format inside :class:`tessera.protocol.SecAgg` framing, one confirmed publish per recipient; then it
-  decodes the average from the ring sum.
+  wire format inside :class:`tessera.protocol.SecAgg` framing, one confirmed publish per message (a message
+  for several participants goes out once, routing key ``to.selected`` with their keys in the ``BCC``
+  header); then it decodes the average from the ring sum.
 
 Figures (medians over ``--rounds`` timed rounds, after ``--warmup`` untimed ones): ``round_s_median``,
 per-phase medians (plain: broadcast / upload / aggregate; secure: broadcast / ready / advertise / share /
@@ -149,6 +150,7 @@ class ParticipantJob:
     secure: bool
     params: int
     seed: int
+    mask_ahead: bool = True
 
 
 def participant_main(job: ParticipantJob, started: Any, results: Any) -> None:
@@ -265,6 +267,9 @@ def participant_main(job: ParticipantJob, started: Any, results: Any) -> None:
                 step(f"secagg_{type(message).__name__}", t0, c0)
                 for body in bodies:
                     send(body, "secagg")
+                t0, c0 = time.perf_counter(), time.thread_time()
+                if job.mask_ahead and session.prepare_masked_input():  # as the service does, after its shares
+                    step("mask_ahead", t0, c0)
             transport.ack(delivery)
         if stats:
             per_round.append(dict(stats))
@@ -350,6 +355,7 @@ class Harness:
                 secure=self.secure,
                 params=self.params,
                 seed=self.args.seed,
+                mask_ahead=self.args.mask_ahead == "on",
             )
             process = context.Process(
                 target=participant_main, args=(job, self.started, self.results), name=organisation
@@ -520,8 +526,13 @@ class Harness:
                 )
                 t1 = time.perf_counter()
                 clock.handling_s += t1 - t0
-                for index in item.recipients:  # one confirmed publish per recipient, as the curator does
-                    self.transport.send(self.roster.organisation_of(index), body, message_type="secagg")
+                # One confirmed publish per message, as tessera.curator.rounds does: to one organisation
+                # with its own key, to several with the BCC header (the broker copies it to each inbox).
+                recipients = [self.roster.organisation_of(index) for index in item.recipients]
+                if len(recipients) == 1:
+                    self.transport.send(recipients[0], body, message_type="secagg")
+                elif recipients:
+                    self.transport.send_many(recipients, body, message_type="secagg")
                 clock.publishing_s += time.perf_counter() - t1
 
         phase = session.phase.value
@@ -682,6 +693,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--secure", choices=["on", "off", "both"], default="on")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--mask-ahead",
+        choices=["on", "off"],
+        default="on",
+        help="participants mask right after sending their shares, as the service does (on), or on ForwardedShares",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="cProfile the curator; top functions on stderr"
     )

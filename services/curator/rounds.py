@@ -391,12 +391,19 @@ class Curator:
         return out
 
     def _send(self, outgoing: list[Any]) -> None:
+        """One publish per message, however many recipients: the same body to several organisations goes
+        out once (the broker copies it to each inbox, without telling anyone the others)."""
         for item in outgoing:
+            recipients = [self.roster.organisation_of(index) for index in item.recipients]
+            if not recipients:
+                continue
             body = protocol.encode(
                 protocol.SecAgg(federation=self.settings.federation), encode_secagg(item.message)
             )
-            for index in item.recipients:
-                self.bus.send(self.roster.organisation_of(index), body, message_type="secagg")
+            if len(recipients) == 1:
+                self.bus.send(recipients[0], body, message_type="secagg")
+            else:
+                self.bus.send_many(recipients, body, message_type="secagg")
             self._count_bytes("sent", len(body) * len(item.recipients))
 
     # --- messages ---------------------------------------------------------------------------------------------

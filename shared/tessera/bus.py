@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +37,12 @@ class Received(Protocol):
 
 class CuratorBus(Protocol):
     def send(self, organisation: str, body: bytes, *, message_type: str) -> str: ...
+
+    def send_many(self, organisations: Iterable[str], body: bytes, *, message_type: str) -> str:
+        """Deliver ``body`` once to each of ``organisations`` (duplicates count once; every one must be in
+        the roster and there must be at least one, else :class:`LocalUsageError` and nothing is sent);
+        returns the message id, the same for every recipient. No recipient learns who else received it."""
+        ...
 
     def broadcast(self, body: bytes, *, message_type: str) -> str: ...
 
@@ -80,9 +87,14 @@ class LocalExchange:
         self._lock = threading.Lock()
         self.dead_letters: list[tuple[LocalDelivery, str]] = []
 
-    def _post(self, sender: str, recipient: str, body: bytes, message_type: str) -> str:
+    def _new_id(self) -> str:
         with self._lock:
-            message_id = f"local-{next(self._ids)}"
+            return f"local-{next(self._ids)}"
+
+    def _post(
+        self, sender: str, recipient: str, body: bytes, message_type: str, message_id: str | None = None
+    ) -> str:
+        message_id = message_id or self._new_id()
         self._inboxes[recipient].put(LocalDelivery(sender, bytes(body), message_type, message_id))
         return message_id
 
@@ -123,6 +135,20 @@ class LocalCuratorEndpoint(_LocalEndpoint):
         if organisation not in self._exchange.organisations:
             raise LocalUsageError(f"{organisation!r} is not in this federation's roster")
         return self._exchange._post(self._name, organisation, body, message_type)
+
+    def send_many(self, organisations: Iterable[str], body: bytes, *, message_type: str) -> str:
+        if isinstance(organisations, str | bytes):
+            raise LocalUsageError("organisations must be a collection of organisation ids, not one string")
+        recipients = list(dict.fromkeys(organisations))
+        if not recipients:
+            raise LocalUsageError("send_many needs at least one organisation")
+        unknown = [o for o in recipients if o not in self._exchange.organisations]
+        if unknown:
+            raise LocalUsageError(f"{unknown!r} are not in this federation's roster")
+        message_id = self._exchange._new_id()
+        for organisation in recipients:
+            self._exchange._post(self._name, organisation, body, message_type, message_id)
+        return message_id
 
     def broadcast(self, body: bytes, *, message_type: str) -> str:
         ids = [

@@ -24,7 +24,7 @@ from tessera.errors import ConfigurationError
 from tessera.secagg.config import ID_PATTERN, Roster
 from tessera.storage import atomic_write_bytes
 
-RESERVED_IDS = frozenset({"curator", "guest", "all"})
+RESERVED_IDS = frozenset({"curator", "guest", "all", "selected"})
 Identifier = Annotated[str, Field(pattern=ID_PATTERN.pattern)]
 
 

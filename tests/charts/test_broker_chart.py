@@ -293,6 +293,8 @@ def test_bad_values_fail_with_a_helpful_message(helm: Helm, args: list[str], mes
     [
         ("curator", r'"curator" is reserved'),
         ("guest", r'"guest" is reserved'),
+        ("all", r'"all" is reserved'),
+        ("selected", r'"selected" is reserved'),
         ("Acme", r'"Acme" is invalid'),
     ],
 )

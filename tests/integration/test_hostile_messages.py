@@ -67,16 +67,16 @@ def test_hostile_messages_are_rejected_and_rounds_complete_exactly(federation):
         ring_bits=layout["ring_bits"],
     )
 
-    def secagg(routing_key, kind, round_number):
+    def secagg(routing_keys, kind, round_number):
         for message in fed.drain_tap():
-            if message.routing_key != routing_key:
+            if message.routing_key not in routing_keys:
                 continue
             header, payload = protocol.decode(message.body, max_payload=1 << 26)
             if isinstance(header, protocol.SecAgg):
                 decoded = decode_secagg(payload, limits)
                 if isinstance(decoded, kind) and decoded.ids.round == round_number:
                     return message.body
-        raise AssertionError(f"the tap saw no {kind.__name__} of round {round_number} on {routing_key}")
+        raise AssertionError(f"the tap saw no {kind.__name__} of round {round_number} on {routing_keys}")
 
     def federation_message(routing_key, kind, round_number):
         for message in fed.drain_tap():
@@ -88,11 +88,12 @@ def test_hostile_messages_are_rejected_and_rounds_complete_exactly(federation):
         raise AssertionError(f"the tap saw no {kind.__name__} of round {round_number} on {routing_key}")
 
     ready_round_1 = federation_message(f"from.{sender}", protocol.Ready, 1)
-    masked_round_1 = secagg(f"from.{sender}", MaskedInput, 1)
+    masked_round_1 = secagg({f"from.{sender}"}, MaskedInput, 1)
     announcement_round_1 = federation_message("to.all", protocol.RoundAnnouncement, 1)
     announcement_round_2 = federation_message("to.all", protocol.RoundAnnouncement, 2)
-    start_round_1_for_sender = secagg(f"to.{sender}", StartAggregation, 1)
-    start_round_2_for_target = secagg(f"to.{target}", StartAggregation, 2)
+    # A start goes to all the ready participants in one publish (to.selected, BCC), to one with its own key.
+    start_round_1_for_sender = secagg({f"to.{sender}", topo.SELECTED_KEY}, StartAggregation, 1)
+    start_round_2_for_target = secagg({f"to.{target}", topo.SELECTED_KEY}, StartAggregation, 2)
 
     # --- into the curator's queue, as an organisation ---------------------------------------------------------
     to_curator = [

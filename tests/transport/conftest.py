@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from tessera.transport import (
     ConnectionSettings,
     CuratorTransport,
     ParticipantTransport,
+    ProvisioningError,
     ReconnectPolicy,
     TransportSettings,
     connection_parameters,
@@ -57,6 +59,11 @@ class Federation:
     @property
     def b(self) -> str:
         return self.organisations[1]
+
+    @property
+    def c(self) -> str:
+        """The third organisation (only of :func:`fed3`)."""
+        return self.organisations[2]
 
     def url(self, user: str) -> str:
         parts = urlsplit(BROKER_URL)
@@ -103,10 +110,23 @@ class Federation:
         return done.stdout
 
 
-@pytest.fixture
-def fed(broker: list[threading.Thread]) -> Iterator[Federation]:
+def _deprovision_retrying(federation: str, **kwargs: Any) -> None:
+    """``deprovision``, tried again after a failure: now and then, while other tests run, starting
+    ``rabbitmqctl`` from this background thread fails with ``OSError: [Errno 14] Bad address`` (seen with
+    CPython 3.11.7), which would leave the test's vhost and users behind."""
+    for attempt in range(3):
+        try:
+            deprovision(federation, **kwargs)
+            return
+        except ProvisioningError:
+            if attempt == 2:
+                raise
+            time.sleep(1.0)
+
+
+def _provisioned(broker: list[threading.Thread], count: int) -> Iterator[Federation]:
     tag = uuid.uuid4().hex[:8]
-    organisations = (f"a-{tag}", f"b-{tag}")
+    organisations = tuple(f"{name}-{tag}" for name in "abc"[:count])
     curator_user = f"cur-{tag}"
     passwords = {user: generate_password() for user in (curator_user, *organisations)}
     federation = Federation(f"t-{tag}", curator_user, organisations, passwords)
@@ -122,10 +142,22 @@ def fed(broker: list[threading.Thread]) -> Iterator[Federation]:
         for endpoint in federation.endpoints:
             endpoint.close()
         cleanup = threading.Thread(
-            target=deprovision,
+            target=_deprovision_retrying,
             args=(federation.federation,),
             kwargs={"organisations": organisations, "curator_user": curator_user},
             daemon=True,
         )
         cleanup.start()
         broker.append(cleanup)
+
+
+@pytest.fixture
+def fed(broker: list[threading.Thread]) -> Iterator[Federation]:
+    """A federation of two organisations, ``fed.a`` and ``fed.b``."""
+    yield from _provisioned(broker, 2)
+
+
+@pytest.fixture
+def fed3(broker: list[threading.Thread]) -> Iterator[Federation]:
+    """A federation of three organisations, ``fed.a``, ``fed.b`` and ``fed.c``."""
+    yield from _provisioned(broker, 3)

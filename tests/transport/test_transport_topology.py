@@ -32,6 +32,18 @@ def test_reserved_organisation_ids(reserved):
         topo.participant_inbox(reserved)
 
 
+@pytest.mark.parametrize("key", [topo.BROADCAST_KEY, topo.SELECTED_KEY])
+def test_no_organisation_id_collides_with_a_multi_recipient_key(key):
+    """``to.all`` and ``to.selected`` are nobody's ``to.X``: the id that would make them one is reserved."""
+    name = key.removeprefix("to.")
+    assert topo.ID_PATTERN.fullmatch(name) and name in topo.RESERVED_ORGANISATION_IDS
+    with pytest.raises(ConfigurationError, match="reserved"):
+        topo.to_organisation_key(name)
+    with pytest.raises(ConfigurationError, match="reserved"):
+        topo.validate_organisations(["a", name])
+    assert topo.SELECTED_KEY != topo.BROADCAST_KEY
+
+
 def test_duplicate_organisations_are_refused():
     with pytest.raises(ConfigurationError):
         topo.validate_organisations(["a", "b", "a"])
@@ -82,6 +94,25 @@ def test_curator_regexes():
     assert _matches(topic.write, "to.all") and _matches(topic.write, "to.acme")
     assert _matches(topic.read, "to.all") and _matches(topic.read, "to.acme")
     assert not _matches(topic.write, "from.acme")
+    # send_many: routing key to.selected, BCC keys to.X (checked too by RabbitMQ releases that check BCC).
+    assert topic.exchange == topo.TO_PARTICIPANTS_EXCHANGE
+    assert _matches(topic.write, topo.SELECTED_KEY)
+    assert _matches(topic.write, topo.to_organisation_key("a" * 32))
+
+
+def test_organisations_may_not_use_the_multi_recipient_keys():
+    # The organisations' permissions are exactly these (send_many changed nothing for them).
+    assert topo.organisation_permissions("acme") == topo.Permissions(
+        configure="^$", write=r"^tessera\.to-curator$", read=r"^participant\.acme\.inbox$"
+    )
+    assert topo.organisation_topic_permissions("acme") == (
+        topo.TopicPermission(topo.TO_CURATOR_EXCHANGE, write=r"^from\.acme(\..+)?$", read="^$"),
+    )
+    p = topo.organisation_permissions("acme")
+    [topic] = topo.organisation_topic_permissions("acme")
+    for key in (topo.SELECTED_KEY, topo.BROADCAST_KEY, "to.acme"):
+        assert not _matches(topic.write, key)
+    assert not _matches(p.write, topo.TO_PARTICIPANTS_EXCHANGE)
 
 
 def test_document_states_the_same_regexes():
@@ -101,3 +132,13 @@ def test_document_states_the_same_regexes():
     ]
     for row in expected_rows:
         assert row in doc, row
+    for name in topo.RESERVED_ORGANISATION_IDS:
+        assert f"`{name}`" in doc, name
+    assert f"`{topo.SELECTED_KEY}`" in doc and "`BCC`" in doc
+
+
+def test_the_roster_reserves_every_id_the_transport_does():
+    # A roster must refuse up front an id the transport would refuse only when a service starts.
+    from tessera.roster import RESERVED_IDS
+
+    assert topo.RESERVED_ORGANISATION_IDS <= RESERVED_IDS

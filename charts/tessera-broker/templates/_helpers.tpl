@@ -146,7 +146,7 @@ Secret) and installs run with --skip-schema-validation.
 */}}
 {{- define "tessera-broker.validateValues" -}}
 {{- $idPattern := "^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$" -}}
-{{- $reserved := list "curator" "guest" -}}
+{{- $reserved := list "curator" "guest" "all" "selected" -}}
 {{- $msgs := list -}}
 {{- $fed := toString (.Values.federation.id | default "") -}}
 {{- if not $fed -}}
@@ -167,7 +167,7 @@ Secret) and installs run with --skip-schema-validation.
 {{- range $i, $org := .Values.organisations -}}
 {{- $id := toString ($org.id | default "") -}}
 {{- if has $id $reserved -}}
-{{- $msgs = append $msgs (printf "organisations[%d].id %q is reserved (the curator's broker user is `curator`; `guest` is RabbitMQ's default user): rename the organisation." $i $id) -}}
+{{- $msgs = append $msgs (printf "organisations[%d].id %q is reserved (the curator's broker user is `curator`; `guest` is RabbitMQ's default user; `to.all` and `to.selected` are routing keys to several organisations): rename the organisation." $i $id) -}}
 {{- else if not (regexMatch $idPattern $id) -}}
 {{- $msgs = append $msgs (printf "organisations[%d].id %q is invalid: use 1-32 lowercase letters, digits or '-', starting and ending with a letter or digit (it names a broker user and Kubernetes objects)." $i $id) -}}
 {{- end -}}

@@ -120,8 +120,8 @@ patterns; these checks cover what a schema cannot say, and hold under --skip-sch
 {{- $msgs = append $msgs "organisation.id is empty: set this company's id as listed in the roster, e.g. --set organisation.id=hospital-a." -}}
 {{- else if not (regexMatch $idPattern $org) -}}
 {{- $msgs = append $msgs (printf "organisation.id %q is invalid: use 1-32 lowercase letters, digits or '-', starting and ending with a letter or digit." $org) -}}
-{{- else if has $org (list "curator" "all" "guest") -}}
-{{- $msgs = append $msgs (printf "organisation.id %q is reserved (curator, all, guest): use the id the roster gives this company." $org) -}}
+{{- else if has $org (list "curator" "all" "selected" "guest") -}}
+{{- $msgs = append $msgs (printf "organisation.id %q is reserved (curator, all, selected, guest): use the id the roster gives this company." $org) -}}
 {{- end -}}
 {{- if and .Values.roster.content .Values.roster.existingConfigMap -}}
 {{- $msgs = append $msgs "roster.content and roster.existingConfigMap are both set: use one (the roster file via --set-file roster.content=roster.json, or the name of a ConfigMap that holds it)." -}}

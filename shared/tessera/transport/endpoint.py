@@ -21,6 +21,16 @@ nacked publish is an error (:class:`PublishFailed`), a refused one too (:class:`
 larger than ``chunk_size`` are split (``tessera.transport.chunking``); the receiver reassembles them under
 limits and the application only ever sees whole messages.
 
+One body for several organisations (:meth:`CuratorTransport.send_many`) is one publish and one confirm, not
+one per recipient: routing key ``to.selected`` (``topology.SELECTED_KEY``, bound to no queue) and a ``BCC``
+header with the recipients' ``to.X`` keys on every chunk. RabbitMQ routes it to each inbox bound with one of
+those keys (once per queue) and strips ``BCC`` before delivery, so a recipient sees routing key
+``to.selected`` and nothing about the other recipients. ``mandatory`` then means "routed to at least one of
+them": an inbox deleted behind the curator's back would miss the message silently, where :meth:`send`
+would fail (the curator declares every inbox on each connection, so this takes an operator deleting one
+while it runs). ``CC`` and ``BCC`` are routing instructions to the broker, so applications may not set them
+as headers.
+
 Receiving uses manual acks and a bounded prefetch. The application acks a :class:`Delivery` only after its
 effect is saved, or rejects it (no requeue → ``curator.dead-letter``). Deliveries without ``user_id``, from
 an unexpected sender, or with broken chunking are rejected by the endpoint itself, with a logged reason.
@@ -49,7 +59,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -93,6 +103,10 @@ from tessera.transport.errors import (
 log = structlog.get_logger("tessera.transport")
 
 RESERVED_HEADER_PREFIX = "x-tessera-"
+BCC_HEADER = "BCC"
+"""RabbitMQ's sender-selected distribution: extra routing keys, removed from the message before delivery."""
+_ROUTING_HEADERS = frozenset({"cc", "bcc"})  # RabbitMQ routes on "CC" and "BCC"; refused in any case
+_MAX_BCC_BYTES = 32 * 1024  # per publish: the content header (with BCC) must fit in one frame (128 KiB)
 _HEADER_ROOM = 64 * 1024  # properties and headers travel in the same broker message as the chunk
 
 
@@ -156,6 +170,7 @@ class _PublishRequest:
     message_type: str
     message_id: str
     headers: dict[str, Any]
+    broker_headers: dict[str, Any]
     generation: int
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -382,8 +397,12 @@ class _Endpoint:
         message_type: str,
         headers: Mapping[str, Any] | None,
         message_id: str | None,
+        broker_headers: Mapping[str, Any] | None = None,
     ) -> str:
-        """Publish and wait for the broker's confirm; returns the message id. See the module docstring."""
+        """Publish and wait for the broker's confirm; returns the message id. See the module docstring.
+
+        ``broker_headers`` (the transport's own, such as ``BCC``) go on every chunk besides the
+        application's ``headers``, which may not use their names."""
         self._check_open()
         if not isinstance(body, bytes | bytearray | memoryview):
             raise LocalUsageError("the body must be bytes")
@@ -393,6 +412,9 @@ class _Endpoint:
         app_headers = dict(headers or {})
         if any(str(k).startswith(RESERVED_HEADER_PREFIX) for k in app_headers):
             raise LocalUsageError(f"headers starting with {RESERVED_HEADER_PREFIX!r} are reserved")
+        if any(str(k).lower() in _ROUTING_HEADERS for k in app_headers):
+            raise LocalUsageError("the headers CC and BCC are reserved (the broker routes on them)")
+        extra = dict(broker_headers or {})
         limits = self._settings.reassembly
         if len(body) > limits.max_message_bytes:
             raise LocalUsageError(f"payload of {len(body)} bytes exceeds max_message_bytes")
@@ -404,6 +426,8 @@ class _Endpoint:
             raise LocalUsageError("message_id is too long")
 
         bound = self._log.bind(routing_key=routing_key, message_id=message_id, message_type=message_type)
+        if BCC_HEADER in extra:
+            bound = bound.bind(recipients=len(extra[BCC_HEADER]))
         deadline = time.monotonic() + self._settings.publish_timeout
         nacks = 0
         while True:
@@ -419,7 +443,14 @@ class _Endpoint:
                 if conn is None:
                     continue
                 request = _PublishRequest(
-                    self._exchange, routing_key, chunks, message_type, message_id, app_headers, generation
+                    self._exchange,
+                    routing_key,
+                    chunks,
+                    message_type,
+                    message_id,
+                    app_headers,
+                    extra,
+                    generation,
                 )
                 self._inflight.add(request)
             try:
@@ -445,9 +476,8 @@ class _Endpoint:
                 raise PublishRefused(error.reply_code, error.reply_text) from error
             if isinstance(error, pika.exceptions.UnroutableError):
                 bound.warning("publish_failed", reason="unroutable")
-                raise PublishFailed(
-                    f"unroutable: no queue is bound for routing key {routing_key!r}"
-                ) from error
+                keys = repr(routing_key) + (f" or its {BCC_HEADER} keys" if BCC_HEADER in extra else "")
+                raise PublishFailed(f"unroutable: no queue is bound for routing key {keys}") from error
             if isinstance(error, pika.exceptions.NackError):
                 nacks += 1
                 if nacks >= self._settings.publish_attempts:
@@ -472,6 +502,7 @@ class _Endpoint:
             total = len(request.chunks)
             for index, chunk in enumerate(request.chunks):
                 headers = dict(request.headers)
+                headers.update(request.broker_headers)
                 if total > 1:
                     headers[HEADER_MESSAGE_ID] = request.message_id
                     headers[HEADER_CHUNK] = index
@@ -741,10 +772,25 @@ class _Endpoint:
         self._deliveries.put(delivery)
 
 
+def _bcc_batches(keys: list[str]) -> list[list[str]]:
+    """``keys`` in order, split so that each batch's ``BCC`` header stays under ``_MAX_BCC_BYTES``."""
+    batches: list[list[str]] = [[]]
+    size = 0
+    for key in keys:
+        cost = len(key) + 5  # a longstr in a field array: type octet, 4-octet length, the key
+        if batches[-1] and size + cost > _MAX_BCC_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(key)
+        size += cost
+    return batches
+
+
 class CuratorTransport(_Endpoint):
-    """The curator's endpoint: declares the topology, sends to one organisation (``to.X``) or to all
-    (``to.all``), and receives from ``curator.inbox`` (only from the roster's organisations, each only
-    with its own routing key ``from.X[.suffix]``)."""
+    """The curator's endpoint: declares the topology, sends to one organisation (``to.X``), to several
+    (``to.selected`` with their ``to.X`` keys in ``BCC``) or to all (``to.all``), and receives from
+    ``curator.inbox`` (only from the roster's organisations, each only with its own routing key
+    ``from.X[.suffix]``)."""
 
     _role = "curator"
 
@@ -788,6 +834,41 @@ class CuratorTransport(_Endpoint):
             message_id=message_id,
         )
 
+    def send_many(
+        self,
+        organisations: Iterable[str],
+        body: bytes,
+        *,
+        message_type: str,
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+    ) -> str:
+        """Publish ``body`` once to the inboxes of ``organisations`` (duplicates count once) and wait for the
+        confirm; returns the message id, the same for every recipient. Each recipient receives it once,
+        with routing key ``to.selected`` and without the list of recipients (see the module docstring).
+        Every organisation must be in the roster and there must be at least one, or nothing is published
+        (:class:`LocalUsageError`). A list too long for one message header (32 KiB of keys: several hundred
+        organisations) is split over several publishes, each confirmed."""
+        if isinstance(organisations, str | bytes):
+            raise LocalUsageError("organisations must be a collection of organisation ids, not one string")
+        recipients = list(dict.fromkeys(organisations))
+        if not recipients:
+            raise LocalUsageError("send_many needs at least one organisation")
+        unknown = [o for o in recipients if o not in self._roster]
+        if unknown:
+            raise LocalUsageError(f"{unknown!r} are not in this federation's roster")
+        message_id = message_id or uuid.uuid4().hex
+        for batch in _bcc_batches([topo.to_organisation_key(o) for o in recipients]):
+            self._publish(
+                topo.SELECTED_KEY,
+                body,
+                message_type=message_type,
+                headers=headers,
+                message_id=message_id,
+                broker_headers={BCC_HEADER: batch},
+            )
+        return message_id
+
     def broadcast(
         self,
         body: bytes,
@@ -815,7 +896,8 @@ class CuratorTransport(_Endpoint):
 
 class ParticipantTransport(_Endpoint):
     """An organisation's endpoint: sends to the curator (``from.X`` or ``from.X.<suffix>``) and receives
-    from its own inbox, only messages whose ``user_id`` is the curator's."""
+    from its own inbox, only messages whose ``user_id`` is the curator's and whose routing key is ``to.X``,
+    ``to.selected`` or ``to.all``."""
 
     _role = "participant"
 
@@ -836,7 +918,9 @@ class ParticipantTransport(_Endpoint):
             inbox=topo.participant_inbox(organisation),
             exchange=topo.TO_CURATOR_EXCHANGE,
         )
-        self._accepted_keys = frozenset({topo.to_organisation_key(organisation), topo.BROADCAST_KEY})
+        self._accepted_keys = frozenset(
+            {topo.to_organisation_key(organisation), topo.SELECTED_KEY, topo.BROADCAST_KEY}
+        )
 
     def send(
         self,
@@ -869,4 +953,4 @@ class ParticipantTransport(_Endpoint):
         return None
 
 
-__all__ = ["CuratorTransport", "Delivery", "ParticipantTransport", "TransportSettings"]
+__all__ = ["BCC_HEADER", "CuratorTransport", "Delivery", "ParticipantTransport", "TransportSettings"]

@@ -12,6 +12,16 @@ Why each permission is what it is (checked against RabbitMQ 3.10):
   curator reads ``participant.*`` and has topic read ``^to\\..+$`` on ``tessera.to-participants``.
 - Organisations have no configure permission at all and only *passively* declare their inbox.
 - Nobody has write on ``amq.default``: write there lets a user publish into any queue by name.
+- The curator reaches several organisations with one publish by RabbitMQ's sender-selected distribution:
+  routing key :data:`SELECTED_KEY` (no queue is bound to it) and a ``BCC`` header listing ``to.X`` of each
+  recipient. The broker routes to every queue whose binding matches the routing key or any ``BCC`` key and
+  removes ``BCC`` before delivery, so a recipient learns neither the other recipients nor their number; it
+  sees the routing key :data:`SELECTED_KEY`. The curator's topic write regex ``^to\\..+$`` covers
+  :data:`SELECTED_KEY` and every ``to.X``. RabbitMQ 3.10 checks only the routing key against topic
+  permissions, not ``CC``/``BCC`` keys (later releases do: rabbitmq-server#12553, 4.0.x);
+  organisations' isolation does not depend on that check: they may write only to ``tessera.to-curator``,
+  where the one queue, ``curator.inbox``, is bound with ``from.#``, and a delivery always carries the
+  routing key of the publish, which the topic permission did check.
 """
 
 from __future__ import annotations
@@ -33,9 +43,10 @@ ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 CURATOR_USER = "curator"
 """The curator's broker user name (the ``user_id`` of everything the curator publishes)."""
 
-RESERVED_ORGANISATION_IDS = frozenset({"curator", "all", "guest"})
-"""``curator`` is the curator's user, ``all`` would collide with the broadcast key ``to.all``, ``guest`` is
-RabbitMQ's built-in administrator (provisioning it would change that account's password)."""
+RESERVED_ORGANISATION_IDS = frozenset({"curator", "all", "selected", "guest"})
+"""``curator`` is the curator's user, ``all`` would collide with the broadcast key ``to.all`` and
+``selected`` with the multi-recipient key ``to.selected``, ``guest`` is RabbitMQ's built-in administrator
+(provisioning it would change that account's password)."""
 
 TO_PARTICIPANTS_EXCHANGE = "tessera.to-participants"
 TO_CURATOR_EXCHANGE = "tessera.to-curator"
@@ -43,6 +54,9 @@ DEAD_LETTER_EXCHANGE = "tessera.dead-letter"
 CURATOR_INBOX = "curator.inbox"
 DEAD_LETTER_QUEUE = "curator.dead-letter"
 BROADCAST_KEY = "to.all"
+SELECTED_KEY = "to.selected"
+"""Routing key of a publish to several organisations, which carries their ``to.X`` keys in its ``BCC``
+header. No queue is bound with it: the message reaches exactly the inboxes its ``BCC`` keys select."""
 CURATOR_INBOX_BINDING = "from.#"
 
 _SUFFIX_PATTERN = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)*$")
@@ -176,6 +190,7 @@ __all__ = [
     "DEAD_LETTER_QUEUE",
     "ID_PATTERN",
     "RESERVED_ORGANISATION_IDS",
+    "SELECTED_KEY",
     "TO_CURATOR_EXCHANGE",
     "TO_PARTICIPANTS_EXCHANGE",
     "Permissions",
