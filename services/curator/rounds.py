@@ -115,6 +115,9 @@ class Curator:
         )
         self.active: set[str] = set(roster.organisations)
         self._left: list[str] = []  # organisations that left during the current round
+        # Active organisations that missed their last round (no Ready by the deadline, or gone during secure
+        # aggregation) and have sent nothing since: a round waits for them only rejoin_wait seconds.
+        self.unresponsive: set[str] = set()
         self.state = self._restore()
 
     # --- state ------------------------------------------------------------------------------------------------
@@ -247,7 +250,12 @@ class Curator:
         log.info("round_announced", attempt=attempt, active=len(self.active), bytes=len(body))
 
         structlog.contextvars.bind_contextvars(phase="training")
-        ready = self._collect_ready(aggregation, started + self.settings.rounds.training_timeout)
+        rounds = self.settings.rounds
+        ready = self._collect_ready(
+            aggregation,
+            deadline=started + rounds.training_timeout,
+            rejoin_deadline=started + min(rounds.rejoin_wait, rounds.training_timeout),
+        )
         training_seconds = self.clock() - started
         if len(ready) < self.settings.rounds.min_participants:
             return RoundOutcome(
@@ -256,13 +264,39 @@ class Curator:
             )
         outcome = self._aggregate(round_number, aggregation, sorted(ready))
         outcome.phase_seconds = {"training": training_seconds, **outcome.phase_seconds}
+        # Who vanished during the aggregation: those invited who did not answer its last closed phase.
+        answered = list(outcome.phases.values())[-1] if outcome.phases else outcome.invited
+        self._mark_unresponsive(set(outcome.invited) - set(answered), why="gone during secure aggregation")
         return outcome
 
-    def _collect_ready(self, aggregation: str, deadline: float) -> set[str]:
+    def _awaited(self, rejoin_passed: bool) -> set[str]:
+        """Whom the round still waits for: every active participant until the rejoin deadline, then only
+        those that answered their last round (unless too few of them are left to aggregate at all)."""
+        if not rejoin_passed:
+            return set(self.active)
+        responsive = self.active - self.unresponsive
+        return responsive if len(responsive) >= self.settings.rounds.min_participants else set(self.active)
+
+    def _mark_unresponsive(self, organisations: set[str], *, why: str) -> None:
+        fresh = (organisations & self.active) - self.unresponsive
+        if fresh:
+            self.unresponsive |= fresh
+            log.warning(
+                "participants_unresponsive",
+                organisations=sorted(fresh),
+                why=why,
+                next_rounds_wait_s=self.settings.rounds.rejoin_wait,
+            )
+
+    def _collect_ready(self, aggregation: str, *, deadline: float, rejoin_deadline: float) -> set[str]:
         ready: set[str] = set()
-        while ready < self.active and self.clock() < deadline:
+        while self.clock() < deadline:
+            rejoin_passed = self.clock() >= rejoin_deadline
+            if ready >= self._awaited(rejoin_passed):
+                break
             self.heartbeat()
-            delivery = self.bus.receive(timeout=min(1.0, max(0.0, deadline - self.clock())))
+            until = deadline if rejoin_passed else rejoin_deadline
+            delivery = self.bus.receive(timeout=min(1.0, max(0.0, until - self.clock())))
             if delivery is None:
                 continue
             parsed = self._parse(delivery)
@@ -285,6 +319,11 @@ class Curator:
                     "message_dropped", reason="stale", kind=type(header).__name__, sender=delivery.sender
                 )
             self.bus.ack(delivery)
+        if self.active - ready - self.unresponsive and self.clock() >= deadline:
+            self._mark_unresponsive(self.active - ready, why="not ready by the training deadline")
+        skipped = sorted((self.active & self.unresponsive) - ready)
+        if skipped:
+            log.info("round_goes_on_without", organisations=skipped)
         return ready & self.active
 
     def _aggregate(self, round_number: int, aggregation: str, ready: list[str]) -> RoundOutcome:
@@ -422,6 +461,9 @@ class Curator:
         if getattr(header, "federation", None) != self.settings.federation:
             self._drop(delivery, "message for another federation")
             return None
+        if delivery.sender in self.unresponsive:  # a sign of life: wait for it fully again
+            self.unresponsive.discard(delivery.sender)
+            log.info("participant_responsive_again", organisation=delivery.sender)
         return header, payload
 
     def _drop(self, delivery: Received, reason: str, *, stale: bool = False) -> None:

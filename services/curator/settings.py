@@ -50,6 +50,14 @@ class RoundSettings(BaseModel):
         gt=0,
         description="seconds participants have to evaluate and train before aggregation starts",
     )
+    rejoin_wait: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds a round waits for a participant that missed its previous round (not ready by "
+        "the training deadline, or gone during secure aggregation) before going on without it, so that one "
+        "dead participant does not cost every later round the whole training_timeout; any message from it "
+        "restores the full wait",
+    )
     attempts_per_round: int = Field(
         default=3, ge=1, description="a round that aborts is retried with fresh keys this many times in all"
     )

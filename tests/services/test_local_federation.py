@@ -133,3 +133,21 @@ def test_non_private_training_is_counted_in_the_clear_report(tmp_path: Path) -> 
     curator, participants = _settings(tmp_path, orgs, rounds=1, privacies={"org-c": plan})
     result = run_local_federation(curator, participants, _datasets(orgs))
     assert result.state.history[0]["non_private_participants"] == 1
+
+
+def test_a_silent_participant_costs_the_training_timeout_once_then_only_the_rejoin_wait(
+    tmp_path: Path,
+) -> None:
+    # org-d is in the roster but never runs (its machine died): round 1 waits the whole training timeout for
+    # it, later rounds only rejoin_wait.
+    orgs = ["org-a", "org-b", "org-c", "org-d"]
+    curator, participants = _settings(tmp_path, orgs, rounds=3)
+    rounds = {"max_rounds": 3, "min_participants": 3, "training_timeout": 6.0, "rejoin_wait": 0.5}
+    curator = curator.model_copy(update={"rounds": curator.rounds.model_copy(update=rounds)})
+    del participants["org-d"]
+    result = run_local_federation(curator, participants, _datasets(orgs))
+    history = result.state.history
+    assert [r["participants"] for r in history] == [orgs[:3]] * 3
+    training = [r["seconds"]["training"] for r in history]
+    assert training[0] >= 6.0
+    assert all(seconds < 6.0 for seconds in training[1:]), training
