@@ -17,7 +17,9 @@ harness, on the same broker topology, with the same round message:
   one :class:`~tessera.secagg.participant.ParticipantSession` per participant, every message in the secagg
   wire format inside :class:`tessera.protocol.SecAgg` framing, one confirmed publish per message (a message
   for several participants goes out once, routing key ``to.selected`` with their keys in the ``BCC``
-  header); then it decodes the average from the ring sum.
+  header); each participant masks its input right after sending its shares
+  (:meth:`~tessera.secagg.participant.ParticipantSession.prepare_masked_input`, as the service does) unless
+  ``--mask-ahead off``; then the curator decodes the average from the ring sum.
 
 Figures (medians over ``--rounds`` timed rounds, after ``--warmup`` untimed ones): ``round_s_median``,
 per-phase medians (plain: broadcast / upload / aggregate; secure: broadcast / ready / advertise / share /
