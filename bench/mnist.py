@@ -46,6 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "local_epochs": 1.0,
         "batch_size": 32,
         "lr": 0.05,
+        "lr_decay": 1.0,
         "momentum": 0.9,
         "clip": 1.0,
         "max_grad_norm": 1.0,
@@ -56,6 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "local_epochs": 1.0,
         "batch_size": 512,
         "lr": 2.5,
+        "lr_decay": 1.0,
         "momentum": 0.9,
         "clip": 1.0,
         "max_grad_norm": 0.1,
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="federated rounds (DP: the budget is planned for them)")
     parser.add_argument("--local-epochs", type=float, help="local epochs per round")
     parser.add_argument("--batch-size", type=int, help="(expected, Poisson under DP) batch size")
-    parser.add_argument("--lr", type=float, help="local SGD learning rate")
+    parser.add_argument("--lr", type=float, help="local SGD learning rate (of round 1)")
+    parser.add_argument("--lr-decay", type=float, help="learning rate of round r: lr * lr_decay^(r-1)")
     parser.add_argument("--momentum", type=float, help="local SGD momentum")
     parser.add_argument("--clip", type=float, help="secagg.clip: per-coordinate clip of the update")
     parser.add_argument("--max-grad-norm", type=float, help="DP-SGD per-example clipping norm")
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "local_epochs": args.local_epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "lr_decay": args.lr_decay,
         "momentum": args.momentum,
     }
     settings = {k: getattr(args, k) for k in PRESETS["off"]}

@@ -295,6 +295,7 @@ class Participant:
         evaluation = evaluate(self.model, self.validation, self.settings.num_classes)
         structlog.contextvars.bind_contextvars(phase="train")
         privacy = self.settings.privacy
+        lr = privacy.round_lr(round_number)
         started = time.monotonic()
         result = train_one_round(
             self.model,
@@ -305,7 +306,7 @@ class Participant:
             rng_seed=None
             if self.settings.training_seed is None
             else self.settings.training_seed + round_number,
-            lr=privacy.lr,
+            lr=lr,
             private=privacy.enabled,
             epochs=None if privacy.enabled else privacy.local_epochs,
             batch_size=None if privacy.enabled else min(privacy.batch_size, len(self.train_data)),
@@ -321,6 +322,7 @@ class Participant:
         log.info(
             "trained",
             steps=result.steps,
+            lr=lr,
             seconds=round(result.seconds, 2),
             epsilon=None if result.epsilon is None else round(result.epsilon, 4),
             clipped=clipped,

@@ -72,9 +72,20 @@ class PrivacySettings(BaseModel):
     planned_rounds: int = Field(default=10, ge=1, description="rounds the budget is planned for")
     local_epochs: float = Field(default=1.0, gt=0, description="epochs of local training per round")
     batch_size: int = Field(default=64, ge=1, description="expected batch size (Poisson sampling)")
-    lr: float = Field(default=0.1, gt=0, description="local learning rate")
+    lr: float = Field(default=0.1, gt=0, description="local learning rate (of round 1, see lr_decay)")
+    lr_decay: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="the learning rate of round r is lr * lr_decay^(r-1); 1 keeps it constant. Under DP-SGD "
+        "the noise per step is fixed by the budget, so smaller late steps average more of it away",
+    )
     momentum: float = Field(default=0.0, ge=0, lt=1, description="local SGD momentum")
     accountant: Literal["rdp", "prv"] = Field(default="rdp", description="privacy accountant")
+
+    def round_lr(self, round_number: int) -> float:
+        """The local learning rate of federated round ``round_number`` (1-based)."""
+        return self.lr * self.lr_decay ** max(0, round_number - 1)
 
 
 class FaultInjection(BaseModel):

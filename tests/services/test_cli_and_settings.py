@@ -117,3 +117,15 @@ def test_roster_file_errors_name_the_file(tmp_path: Path) -> None:
     path.write_text(json.dumps({"federation": "acme", "members": [], "surprise": 1}))
     with pytest.raises(ConfigurationError, match=f"roster file {path}"):
         RosterFile.load(path)
+
+
+def test_the_learning_rate_decays_per_round_and_the_decay_is_validated() -> None:
+    from pydantic import ValidationError
+    from tessera.participant.settings import PrivacySettings
+
+    privacy = PrivacySettings(lr=2.0, lr_decay=0.5)
+    assert [privacy.round_lr(r) for r in (1, 2, 3)] == [2.0, 1.0, 0.5]
+    assert PrivacySettings(lr=0.3).round_lr(50) == 0.3  # the default keeps it constant
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValidationError, match="lr_decay"):
+            PrivacySettings(lr_decay=bad)

@@ -151,3 +151,16 @@ def test_a_silent_participant_costs_the_training_timeout_once_then_only_the_rejo
     training = [r["seconds"]["training"] for r in history]
     assert training[0] >= 6.0
     assert all(seconds < 6.0 for seconds in training[1:]), training
+
+
+def test_participants_train_each_round_at_the_decayed_learning_rate(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    orgs = ["org-a", "org-b", "org-c"]
+    curator, participants = _settings(tmp_path, orgs, rounds=2, privacy={"lr": 0.4, "lr_decay": 0.5})
+    with capture_logs() as events:
+        result = run_local_federation(curator, participants, _datasets(orgs))
+    assert result.state.rounds_completed == 2
+    # (capture_logs drops the context variables, round among them: the rates tell the rounds apart)
+    trained = sorted(e["lr"] for e in events if e["event"] == "trained")
+    assert trained == [0.2] * 3 + [0.4] * 3
