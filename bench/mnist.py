@@ -51,6 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "clip": 1.0,
         "max_grad_norm": 1.0,
         "hidden": 64,
+        "activation": "relu",
     },
     "on": {
         "rounds": 20,
@@ -62,6 +63,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "clip": 1.0,
         "max_grad_norm": 0.1,
         "hidden": 32,
+        "activation": "relu",
     },
 }
 
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", type=float, help="secagg.clip: per-coordinate clip of the update")
     parser.add_argument("--max-grad-norm", type=float, help="DP-SGD per-example clipping norm")
     parser.add_argument("--hidden", type=int, help="cnn28: width of its hidden linear layer (default 64)")
+    parser.add_argument("--activation", choices=["relu", "tanh"], help="cnn28: activation function")
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the split")
@@ -133,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         federation="mnist",
         organisations=organisations,
         datasets=datasets,
-        model={"name": "cnn28", "kwargs": {"num_classes": 10, "hidden": args.hidden}},
+        model={
+            "name": "cnn28",
+            "kwargs": {"num_classes": 10, "hidden": args.hidden, "activation": args.activation},
+        },
         num_classes=10,
         rounds=args.rounds,
         secagg={"clip": args.clip, "ring_bits": args.ring_bits, "phase_timeout": 120},

@@ -41,6 +41,20 @@ def test_cnn_is_opacus_compatible_and_uses_groupnorm() -> None:
     assert not any(issubclass(k, nn.modules.batchnorm._BatchNorm) for k in kinds)
 
 
+def test_cnn_activation_is_chosen_by_name_and_checked() -> None:
+    tanh = build_model(ModelSpec(name="cnn28", kwargs={"activation": "tanh"}))
+    kinds = {type(m) for m in tanh.modules()}
+    assert nn.Tanh in kinds and nn.ReLU not in kinds
+    assert ModuleValidator.is_valid(tanh) and tanh(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert nn.ReLU in {type(m) for m in build_model(CNN_SPEC).modules()}  # the default
+    # Same parameters, another function: the fingerprint (spec included) tells them apart.
+    assert model_fingerprint(
+        ModelSpec(name="cnn28", kwargs={"activation": "tanh"}), tanh
+    ) != model_fingerprint(CNN_SPEC, build_model(CNN_SPEC))
+    with pytest.raises(ConfigurationError, match="activation"):
+        build_model(ModelSpec(name="cnn28", kwargs={"activation": "gelu"}))
+
+
 def test_flat_order_is_named_parameters_order() -> None:
     torch.manual_seed(1)
     model = build_model(MLP_SPEC)

@@ -10,7 +10,9 @@ Contracts
     ``activation`` (``"relu"`` | ``"tanh"``, default relu). Inputs of any shape are flattened first.
   - ``"cnn28"``: for ``N × 1 × 28 × 28`` images: two 3×3 conv blocks (conv → GroupNorm → ReLU → 2×2 max-pool)
     and two linear layers. ``num_classes`` (default 10), ``channels`` (two ints, default ``[16, 32]``),
-    ``hidden`` (int, default 64), ``groups`` (GroupNorm groups, default 4; 0 disables normalisation).
+    ``hidden`` (int, default 64), ``groups`` (GroupNorm groups, default 4; 0 disables normalisation),
+    ``activation`` (``"relu"`` | ``"tanh"``, default relu; bounded activations are said to suit DP-SGD better,
+    Papernot et al. 2021).
     GroupNorm, not BatchNorm: BatchNorm mixes examples in a batch, which DP-SGD (Opacus) cannot allow.
   - ``"import:package.module:factory"``: ``factory(**kwargs)`` must return an ``nn.Module``. The spec arrives
     from the curator, so an import spec is only built when ``package.module:factory`` is in the caller's
@@ -110,7 +112,8 @@ class MLP(nn.Module):
 
 
 class CNN28(nn.Module):
-    """Two conv blocks (3×3 conv → GroupNorm → ReLU → 2×2 max-pool) and two linear layers, for 1×28×28."""
+    """Two conv blocks (3×3 conv → GroupNorm → activation → 2×2 max-pool) and two linear layers, for
+    1×28×28."""
 
     def __init__(
         self,
@@ -118,8 +121,13 @@ class CNN28(nn.Module):
         channels: list[int] | tuple[int, int] = (16, 32),
         hidden: int = 64,
         groups: int = 4,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
+        acts: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
+        if activation not in acts:
+            raise ConfigurationError(f"cnn28 activation must be relu or tanh, got {activation!r}")
+        act = acts[activation]
         if len(channels) != 2:
             raise ConfigurationError(f"cnn28 channels must be two integers, got {channels}")
         c1, c2 = channels
@@ -131,12 +139,12 @@ class CNN28(nn.Module):
 
         def block(cin: int, cout: int) -> list[nn.Module]:
             norm: list[nn.Module] = [nn.GroupNorm(groups, cout)] if groups else []
-            return [nn.Conv2d(cin, cout, 3), *norm, nn.ReLU(), nn.MaxPool2d(2)]
+            return [nn.Conv2d(cin, cout, 3), *norm, act(), nn.MaxPool2d(2)]
 
         # 28 → conv 26 → pool 13 → conv 11 → pool 5
         self.features = nn.Sequential(*block(1, c1), *block(c1, c2))
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(c2 * 5 * 5, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+            nn.Flatten(), nn.Linear(c2 * 5 * 5, hidden), act(), nn.Linear(hidden, num_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
