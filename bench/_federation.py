@@ -5,6 +5,7 @@ on stderr and its history returned."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -22,6 +23,23 @@ DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def privacy_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The participants' ``privacy`` settings from a benchmark's command line (``--dp``, ``--epsilon``,
+    ``--delta``, the training options); DP-SGD plans its budget for ``--rounds``."""
+    return {
+        "enabled": args.dp == "on",
+        "target_epsilon": args.epsilon,
+        "delta": args.delta,
+        "max_grad_norm": args.max_grad_norm,
+        "planned_rounds": args.rounds,
+        "local_epochs": args.local_epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "lr_decay": args.lr_decay,
+        "momentum": args.momentum,
+    }
 
 
 def data_dir(option: Path | None) -> Path:

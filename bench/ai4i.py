@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _federation import data_dir, require_files, round_seconds, run_federation, say
+from _federation import data_dir, privacy_settings, require_files, round_seconds, run_federation, say
 
 CSV_NAME = "ai4i2020.csv"
 LABEL = "Machine failure"
@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-epochs", type=float)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
+    parser.add_argument(
+        "--lr-decay", type=float, default=1.0, help="learning rate of round r: lr * lr_decay^(r-1)"
+    )
     parser.add_argument("--momentum", type=float)
     parser.add_argument("--clip", type=float, help="secagg.clip: per-coordinate clip of the update")
     parser.add_argument("--max-grad-norm", type=float)
@@ -251,17 +254,6 @@ def main(argv: list[str] | None = None) -> int:
         settings_used = {k: getattr(args, k) for k in PRESETS["on"]}
         settings_used.update(activation=args.activation)
         say(f"settings: dp={args.dp} {json.dumps(settings_used)}")
-        privacy = {
-            "enabled": args.dp == "on",
-            "target_epsilon": args.epsilon,
-            "delta": args.delta,
-            "max_grad_norm": args.max_grad_norm,
-            "planned_rounds": args.rounds,
-            "local_epochs": args.local_epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "momentum": args.momentum,
-        }
         document, wall = run_federation(
             federation="ai4i",
             organisations=organisations,
@@ -278,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             num_classes=2,
             rounds=args.rounds,
             secagg={"clip": args.clip, "phase_timeout": 60},
-            privacy=privacy,
+            privacy=privacy_settings(args),
             data=data_settings,
             training_seed=args.seed,
             model_seed=args.seed,

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _federation import data_dir, require_files, round_seconds, run_federation, say
+from _federation import data_dir, privacy_settings, require_files, round_seconds, run_federation, say
 
 IMAGES = "train-images-idx3-ubyte.gz"
 LABELS = "train-labels-idx1-ubyte.gz"
@@ -117,18 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(str(len(t)) for t, _ in datasets.values())
         + f"; curator holds the {len(test)} test images"
     )
-    privacy = {
-        "enabled": args.dp == "on",
-        "target_epsilon": args.epsilon,
-        "delta": args.delta,
-        "max_grad_norm": args.max_grad_norm,
-        "planned_rounds": args.rounds,
-        "local_epochs": args.local_epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "lr_decay": args.lr_decay,
-        "momentum": args.momentum,
-    }
     settings = {k: getattr(args, k) for k in PRESETS["off"]}
     say(f"settings: dp={args.dp} {json.dumps(settings)}")
     started = time.monotonic()
@@ -143,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         num_classes=10,
         rounds=args.rounds,
         secagg={"clip": args.clip, "ring_bits": args.ring_bits, "phase_timeout": 120},
-        privacy=privacy,
+        privacy=privacy_settings(args),
         data={o: {"path": str(train_images)} for o in organisations},
         curator_validation=test,
         validation_settings={"path": str(test_images), "labels_path": str(test_labels)},

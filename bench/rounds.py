@@ -56,8 +56,6 @@ import multiprocessing as mp
 import os
 import pstats
 import secrets
-import shutil
-import socket
 import statistics
 import sys
 import time
@@ -76,19 +74,6 @@ UPDATE_STD = 0.01
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def broker_problem(url: str) -> str | None:
-    """None if a broker answers at ``url`` and rabbitmqctl is available to provision it, else why not."""
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=2):
-            pass
-    except OSError as exc:
-        return f"no RabbitMQ broker answers at {parts.hostname}:{parts.port or 5672} ({exc})"
-    if shutil.which("rabbitmqctl") is None:
-        return "a broker answers, but rabbitmqctl (needed to provision users) is not on PATH"
-    return None
 
 
 def user_url(url: str, user: str, password: str) -> str:
@@ -708,7 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.participants < 3 or args.params < 1 or args.rounds < 1 or args.warmup < 0:
         parser.error("need --participants >= 3, --params >= 1, --rounds >= 1, --warmup >= 0")
-    problem = broker_problem(BROKER_URL)
+    from tessera.transport import local_broker_problem
+
+    problem = local_broker_problem(BROKER_URL)
     if problem is not None:
         print(
             f"bench/rounds.py needs a real RabbitMQ broker: {problem}. Start one with "

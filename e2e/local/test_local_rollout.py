@@ -148,17 +148,6 @@ def provision(plan: Plan, passwords: dict[str, str]) -> None:
     RabbitmqctlBackend().apply(plan.vhost, grants, prune=True)
 
 
-def broker_available() -> str | None:
-    if shutil.which("rabbitmqctl") is None:
-        return "rabbitmqctl is not installed"
-    parts = urlsplit(BROKER_URL)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=2):
-            return None
-    except OSError as exc:
-        return f"no RabbitMQ at {parts.hostname}:{parts.port or 5672} ({exc})"
-
-
 # ---------------------------------------------------------------------------------------------- rollout
 @dataclass
 class Rollout:
@@ -212,7 +201,9 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     helm = find_helm()
     if helm is None:
         pytest.skip("helm is not installed: run `bash scripts/install-helm.sh` (installs .tools/bin/helm)")
-    reason = broker_available()
+    from tessera.transport import local_broker_problem
+
+    reason = local_broker_problem(BROKER_URL)
     if reason:
         pytest.skip(f"needs a local RabbitMQ administered with rabbitmqctl ({reason}; `make broker`)")
     from tessera.demo import write_hospital_data

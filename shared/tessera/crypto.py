@@ -235,20 +235,12 @@ def _keystream(seed: bytes) -> Any:
     return Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
 
 
-def _ring_le_dtype(ring_bits: RingBits) -> np.dtype[np.unsignedinteger[Any]]:
-    return np.dtype("<u4") if ring_bits == 32 else np.dtype("<u8")
-
-
 def mask_stream(seed: bytes, length: int, ring_bits: RingBits) -> npt.NDArray[np.unsignedinteger[Any]]:
-    """``length`` uniform elements of Z_(2^ring_bits) from an AES-256-CTR keystream keyed by ``seed``.
-
-    Uniform because 2^ring_bits divides 2^8k: no modular bias.
-    """
-    encryptor = _keystream(seed)
-    nbytes = length * (ring_bits // 8)
-    buffer = bytearray(nbytes + 15)  # update_into wants room for a block more than it writes
-    written = encryptor.update_into(bytes(nbytes), buffer)
-    return np.frombuffer(buffer, dtype=_ring_le_dtype(ring_bits), count=written // (ring_bits // 8))
+    """``length`` uniform elements of Z_(2^ring_bits) from an AES-256-CTR keystream keyed by ``seed``, read
+    as little-endian words. Uniform because 2^ring_bits divides 2^8k: no modular bias."""
+    stream = np.zeros(length, dtype=ring_dtype(ring_bits))
+    add_mask_stream(stream, seed)
+    return stream
 
 
 def add_mask_stream(

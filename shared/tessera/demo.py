@@ -22,13 +22,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -157,22 +155,6 @@ def environment(settings: dict[str, Any], prefix: str = "TESSERA_") -> dict[str,
 
 
 # --- broker ---------------------------------------------------------------------------------------------------
-
-
-def broker_available(url: str) -> str | None:
-    """None if a broker answers at ``url`` and rabbitmqctl can administer it, else why not."""
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=2):
-            pass
-    except OSError as exc:
-        return f"no RabbitMQ broker answers at {parts.hostname}:{parts.port or 5672} ({exc.strerror or exc})"
-    if shutil.which("rabbitmqctl") is None:
-        return "a broker answers, but rabbitmqctl (needed to create the demo's users) is not installed"
-    probe = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True, timeout=60)
-    if probe.returncode != 0:
-        return f"rabbitmqctl cannot administer the broker: {probe.stderr.strip()[:200]}"
-    return None
 
 
 def provision_broker(out: Path) -> None:
@@ -370,7 +352,11 @@ def main(argv: list[str] | None = None) -> int:
 
     create_federation(FEDERATION, list(HOSPITALS), out / "federation")
     curator, participants = configurations(out, files, encoding, features, broker_url)
-    reason = "--in-process was given" if args.in_process else broker_available(broker_url)
+    from tessera.transport import local_broker_problem
+
+    reason = (
+        "--in-process was given" if args.in_process else local_broker_problem(broker_url, check_admin=True)
+    )
     if reason is None:
         return run_with_broker(out, curator, participants)
     say(f"{reason}.")

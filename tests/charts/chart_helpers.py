@@ -1,4 +1,4 @@
-"""Helpers shared by the curator, participant, settings and multi-company chart tests (no fixtures here).
+"""Helpers shared by the chart tests (no fixtures here).
 
 Rendered manifests are plain dicts (``yaml.safe_load`` of ``helm template``). The settings helpers load
 a rendered container environment into the services' own settings classes, so the tests catch a chart and
@@ -204,7 +204,11 @@ def assert_every_value_documented(chart: str) -> None:
             assert node.get("additionalProperties") is False or node is schema, (
                 f"{path}: schema allows extras"
             )
-            node = node["properties"].get(part)
+            is_list = part.endswith("[]")  # `organisations[].id`: a field of every item of a list
+            node = node["properties"].get(part.removesuffix("[]"))
             assert node is not None, f"{chart}/values.schema.json has no property for {path}"
+            if is_list:
+                node = node.get("items")
+                assert isinstance(node, dict), f"{chart}/values.schema.json: {path} is not a list of items"
             if node.get("type") != "object" or "properties" not in node:
                 break

@@ -12,41 +12,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import yaml
-from kubernetes_validate import utils as kv
+from chart_helpers import (
+    CHARTS_DIR,
+    K8S_VERSIONS,
+    REPO_ROOT,
+    assert_every_value_documented,
+    by_kind,
+    ci_files,
+    one,
+    validate_strict,
+    values_of,
+)
 
 if TYPE_CHECKING:
     from .conftest import Helm
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = "tessera-broker"
-CHART_DIR = REPO_ROOT / "charts" / CHART
-CI_FILES = sorted((CHART_DIR / "ci").glob("*-values.yaml"))
+CHART_DIR = CHARTS_DIR / CHART
+CI_FILES = ci_files(CHART)
 CI_IDS = [p.stem for p in CI_FILES]
 TOPOLOGY_DOC = REPO_ROOT / "docs" / "topology.md"
-# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest the validator knows.
-K8S_VERSIONS = ["1.29.0", kv.latest_version()]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 def ci_render(helm: Helm, ci_file: Path, *extra: str) -> list[dict[str, Any]]:
     return helm.render(CHART, "-f", str(ci_file), *extra)
-
-
-def values_of(ci_file: Path) -> dict[str, Any]:
-    return yaml.safe_load(ci_file.read_text())
-
-
-def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [d for d in docs if d["kind"] == kind]
-
-
-def one(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
-    found = [d for d in by_kind(docs, kind) if d["metadata"]["name"].endswith(name_suffix)]
-    assert len(found) == 1, (
-        f"expected one {kind} named *{name_suffix}, got {[d['metadata']['name'] for d in found]}"
-    )
-    return found[0]
 
 
 def parse_plan(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -127,13 +117,7 @@ def test_lint_strict(helm: Helm, ci_file: Path) -> None:
 def test_manifests_pass_strict_kubernetes_schema(helm: Helm, ci_file: Path, k8s_version: str) -> None:
     docs = ci_render(helm, ci_file)
     assert {"StatefulSet", "Service", "ConfigMap", "Secret"} <= {d["kind"] for d in docs}
-    for doc in docs:
-        try:
-            kv.validate(doc, k8s_version, strict=True)
-        except kv.ValidationError as exc:  # pragma: no cover - the message is the point
-            pytest.fail(
-                f"{doc['kind']}/{doc['metadata']['name']} invalid for Kubernetes {k8s_version}: {exc}"
-            )
+    validate_strict(docs, k8s_version)
 
 
 @pytest.mark.parametrize("ci_file", CI_FILES, ids=CI_IDS)
@@ -317,23 +301,5 @@ def test_missing_required_values_fail(helm: Helm) -> None:
         helm.run("template", "t", str(CHART_DIR))
 
 
-def _leaf_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
-    paths: list[str] = []
-    for key, value in values.items():
-        if isinstance(value, dict) and value:
-            paths += _leaf_paths(value, f"{prefix}{key}.")
-        else:
-            paths.append(f"{prefix}{key}")
-    return paths
-
-
 def test_every_value_is_documented() -> None:
-    text = (CHART_DIR / "values.yaml").read_text()
-    params = set(re.findall(r"^\s*## @param (\S+)", text, re.MULTILINE))
-    for path in _leaf_paths(yaml.safe_load(text)):
-        parts = path.split(".")
-        documented = any(".".join(parts[:i]) in params for i in range(1, len(parts) + 1))
-        assert documented, f"values.yaml: {path} has no @param comment"
-    readme = (CHART_DIR / "README.md").read_text()
-    missing = sorted(p for p in params if f"| `{p}` |" not in readme)
-    assert not missing, f"README.md parameter table lacks {missing}"
+    assert_every_value_documented(CHART)

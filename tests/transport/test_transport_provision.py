@@ -141,3 +141,13 @@ def test_management_api_backend_provisions_the_same_state(broker):
         assert (orgs[0], org_topic.exchange, org_topic.write) in topic
     finally:
         deprovision(federation, organisations=orgs, curator_user=curator, backend=api)
+
+
+def test_local_broker_problem_says_what_is_missing(broker, monkeypatch):
+    from tessera.transport import local_broker_problem
+
+    url = os.environ.get("TESSERA_TEST_AMQP_URL", "amqp://127.0.0.1:5672/")
+    assert local_broker_problem(url, check_admin=True) is None
+    assert "no RabbitMQ broker answers at 127.0.0.1:1 " in (local_broker_problem("amqp://127.0.0.1:1/") or "")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert "rabbitmqctl" in (local_broker_problem(url) or "")

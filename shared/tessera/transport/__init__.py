@@ -22,7 +22,7 @@ from tessera.transport.errors import (
     TransportError,
     TransportUnavailable,
 )
-from tessera.transport.provision import deprovision, generate_password, provision
+from tessera.transport.provision import deprovision, generate_password, local_broker_problem, provision
 from tessera.transport.topology import declare_topology
 
 __all__ = [
@@ -44,5 +44,6 @@ __all__ = [
     "declare_topology",
     "deprovision",
     "generate_password",
+    "local_broker_problem",
     "provision",
 ]

@@ -24,13 +24,14 @@ import hashlib
 import json
 import secrets
 import shutil
+import socket
 import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import structlog
 
@@ -300,6 +301,28 @@ class ManagementApiBackend:
         return doomed
 
 
+def local_broker_problem(url: str, *, check_admin: bool = False) -> str | None:
+    """None if a broker answers at ``url`` and ``rabbitmqctl`` is on PATH to provision it, else why not, in
+    words for the operator. ``check_admin`` also runs ``rabbitmqctl list_vhosts`` (about a second), which
+    fails without the Erlang cookie."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 5672
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            pass
+    except OSError as exc:
+        return f"no RabbitMQ broker answers at {host}:{port} ({exc.strerror or exc})"
+    if shutil.which("rabbitmqctl") is None:
+        return "a broker answers, but rabbitmqctl (needed to provision users) is not on PATH"
+    if check_admin:
+        probe = subprocess.run(
+            ["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True, timeout=60
+        )
+        if probe.returncode != 0:
+            return f"rabbitmqctl cannot administer the broker: {probe.stderr.strip()[:200]}"
+    return None
+
+
 def default_backend(
     *,
     management_url: str | None = None,
@@ -358,5 +381,6 @@ __all__ = [
     "deprovision",
     "federation_grants",
     "generate_password",
+    "local_broker_problem",
     "provision",
 ]
