@@ -208,10 +208,17 @@ def test_forged_advertisement_in_broadcast_is_refused_by_participant() -> None:
     assert p.receive(broadcast)  # the genuine broadcast still works
 
 
+def test_holders_asked_for_the_same_shares_get_one_unmask_request() -> None:
+    h = make_harness(6)  # the full graph: every holder holds shares of everybody
+    _advance_to(h, CuratorPhase.UNMASK)
+    requests = [item for item in h.pending if isinstance(item.message, UnmaskRequest)]
+    assert len(requests) == 1 and requests[0].recipients == tuple(range(1, 7))
+
+
 def _to_unmask_request(h: Harness, recipient: int) -> UnmaskRequest:
     _advance_to(h, CuratorPhase.UNMASK)
     for item in h.pending:
-        if item.recipients == (recipient,):
+        if recipient in item.recipients:
             assert isinstance(item.message, UnmaskRequest)
             return item.message
     raise AssertionError("no unmask request")
@@ -226,7 +233,7 @@ def test_request_for_both_shares_of_one_participant_is_refused() -> None:
     h.deliver(skip=frozenset({6}))
     h.collect()
     h.step()
-    request = next(i.message for i in h.pending if i.recipients == (1,))
+    request = next(i.message for i in h.pending if 1 in i.recipients)
     assert isinstance(request, UnmaskRequest)
     assert 6 in request.reveal_key_of
     p = h.participants[1]

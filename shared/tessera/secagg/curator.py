@@ -370,23 +370,29 @@ class CuratorSession:
         )
         survivors = set(self._survivors)
         shared = set(self._ciphertexts)
-        out = []
+        holders: dict[tuple[frozenset[int], frozenset[int]], list[int]] = {}
         for v in sorted(self._signatures):
             # v holds shares of itself and of every neighbour that shared (U2).
             owners = (self._neighbours[v] & shared) | {v}
             seeds = frozenset(owners & survivors)
             keys = frozenset(owners - survivors)
             self._requested[v] = (seeds, keys)
-            request = UnmaskRequest(
-                ids=self.config.ids,
-                survivors=self._survivors,
-                signatures=proofs,
-                reveal_self_mask_of=tuple(sorted(seeds)),
-                reveal_key_of=tuple(sorted(keys)),
-            )
-            out.append(Outgoing((v,), request))
+            holders.setdefault((seeds, keys), []).append(v)
         self.phase = CuratorPhase.UNMASK
-        return out
+        # Holders asked for the same shares get one message (with the full graph, that is everybody).
+        return [
+            Outgoing(
+                tuple(recipients),
+                UnmaskRequest(
+                    ids=self.config.ids,
+                    survivors=self._survivors,
+                    signatures=proofs,
+                    reveal_self_mask_of=tuple(sorted(seeds)),
+                    reveal_key_of=tuple(sorted(keys)),
+                ),
+            )
+            for (seeds, keys), recipients in holders.items()
+        ]
 
     def _after_unmask(self) -> list[Outgoing]:
         config = self.config
