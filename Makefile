@@ -47,7 +47,7 @@ e2e-kind: venv helm
 	bash e2e/kind/run.sh
 
 demo: venv
-	$(BIN)/python -m tessera.demo
+	$(BIN)/python -m tessera.apps.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

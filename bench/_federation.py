@@ -1,5 +1,5 @@
 """Shared by the accuracy benchmarks (``bench/mnist.py``, ``bench/ai4i.py``): where the data is, and one
-federation run in process with the real curator and participants (:func:`tessera.local_federation.
+federation run in process with the real curator and participants (:func:`tessera.apps.local_federation.
 run_local_federation`: secure aggregation, DP-SGD and FedAvg exactly as in the services), with its progress
 on stderr and its history returned."""
 
@@ -121,8 +121,8 @@ def run_federation(
     organisation to its ``data`` settings, which document where its data is and how it is read: the datasets
     themselves are handed over in memory, already loaded that way.
     """
+    from tessera.apps.local_federation import run_local_federation
     from tessera.curator.settings import CuratorSettings
-    from tessera.local_federation import run_local_federation
     from tessera.participant.settings import ParticipantSettings
     from tessera.roster import create_federation
     from tessera.settings import LoggingSettings, configure_logging

@@ -10,7 +10,7 @@ some digits almost entirely). Each organisation holds out 10 % of its images as 
 holds the 10,000 MNIST test images as its own validation set (``CuratorSettings.validation``) and records the
 new global model's ``curator_validation`` accuracy after every round: that is the test accuracy reported.
 
-The real curator and participants run in this process (:func:`tessera.local_federation.run_local_federation`)
+The real curator and participants run in this process (:func:`tessera.apps.local_federation.run_local_federation`)
 over an in-process exchange: secure aggregation of every update, DP-SGD with Opacus and a persistent
 accountant per organisation, FedAvg weighted by sample counts; the model is ``cnn28`` (56,810 parameters
 with its default hidden width 64; the DP preset narrows the hidden layer to 32: 30,858 parameters, less

@@ -166,7 +166,9 @@ def test_cnn_reaches_high_mnist_accuracy_without_dp() -> None:
     """Short version of the ≥ 98.5 % claim (which needs ~3 epochs on all 60,000 images, about 30 s here):
     one epoch on 20,000 images must already give ≥ 96 % on the 10,000 test images."""
     from tessera.data import load_dataset
-    from tessera.participant.training import accuracy, evaluate, torch_threads
+    from tessera.evaluation import accuracy
+    from tessera.inference import evaluate
+    from tessera.participant.training import torch_threads
 
     from tests.test_data import MNIST, need
 

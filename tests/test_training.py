@@ -1,4 +1,5 @@
-"""Tests for tessera.participant.training: DP-SGD rounds, accounting, and evaluation counts."""
+"""Tests for tessera.participant.training (DP-SGD rounds and accounting, by training mode) and for
+tessera.inference / tessera.evaluation (evaluation counts)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from structlog.testing import capture_logs
 from tessera.data import ArrayDataset
 from tessera.dp import PersistentAccountant, PrivacyBudget, plan_noise_multiplier
 from tessera.errors import ConfigurationError, LocalUsageError
+from tessera.evaluation import EvalCounts, accuracy, class_metrics
+from tessera.inference import evaluate
 from tessera.models import (
     ModelSpec,
     build_model,
@@ -21,14 +24,7 @@ from tessera.models import (
     load_flat_parameters,
     trainable_parameters,
 )
-from tessera.participant.training import (
-    EvalCounts,
-    TrainResult,
-    accuracy,
-    class_metrics,
-    evaluate,
-    train_one_round,
-)
+from tessera.participant.training import LocalDpSgd, NonPrivate, TrainResult, train_one_round
 from torch import nn
 
 SPEC = ModelSpec(name="mlp", kwargs={"input_dim": 4, "hidden": [8], "num_classes": 2})
@@ -61,13 +57,16 @@ def mean_loss(model: nn.Module, data: ArrayDataset) -> float:
 
 
 def private_round(
-    model: nn.Module, data: ArrayDataset, acc: PersistentAccountant, **kw: object
+    model: nn.Module, data: ArrayDataset, acc: PersistentAccountant | None, **kw: object
 ) -> TrainResult:
-    args: dict[str, object] = dict(
-        budget=acc.budget, noise_multiplier=0.8, accountant=acc, rng_seed=1, lr=0.5, private=True
+    mode_args: dict[str, object] = dict(
+        budget=acc.budget if acc is not None else None, noise_multiplier=0.8, accountant=acc
     )
-    args.update(kw)
-    return train_one_round(model, data, **args)
+    args: dict[str, object] = dict(rng_seed=1, lr=0.5)
+    for key, value in kw.items():
+        (mode_args if key in mode_args else args)[key] = value
+    mode = LocalDpSgd(**mode_args)  # type: ignore[arg-type]
+    return train_one_round(model, data, mode, **args)  # type: ignore[arg-type]
 
 
 # -- private training ------------------------------------------------------------------------------------
@@ -158,8 +157,9 @@ def test_private_training_checks_its_inputs(tmp_path: Path) -> None:
     acc = PersistentAccountant.load_or_create(tmp_path / "acc.json", make_budget())
     with pytest.raises(ConfigurationError, match="n_train=200"):
         private_round(fresh_model(), blobs(n=150), acc)
-    with pytest.raises(LocalUsageError, match="plan"):
-        private_round(fresh_model(), data, acc, epochs=2.0)
+    # The mode follows the budget's plan; a plan other than the accountant's is refused.
+    with pytest.raises(LocalUsageError, match="different budget"):
+        private_round(fresh_model(), data, acc, budget=make_budget(local_epochs=2.0))
     with pytest.raises(LocalUsageError, match="needs budget"):
         private_round(fresh_model(), data, acc, accountant=None)
     with pytest.raises(LocalUsageError, match="different budget"):
@@ -183,18 +183,7 @@ def test_non_private_training_is_explicit_and_loud() -> None:
     data = blobs()
     model = fresh_model()
     with capture_logs() as logs:
-        result = train_one_round(
-            model,
-            data,
-            budget=None,
-            noise_multiplier=None,
-            accountant=None,
-            rng_seed=0,
-            lr=0.5,
-            epochs=2,
-            batch_size=20,
-            private=False,
-        )
+        result = train_one_round(model, data, NonPrivate(epochs=2, batch_size=20), rng_seed=0, lr=0.5)
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert [e["event"] for e in warnings] == ["training_without_differential_privacy"]
     assert not result.private and result.epsilon is None and result.steps == 20
@@ -202,16 +191,7 @@ def test_non_private_training_is_explicit_and_loud() -> None:
     load_flat_parameters(trained, result.weights)
     assert accuracy(evaluate(trained, data, 2)) > 0.95
     with pytest.raises(LocalUsageError, match="epochs"):
-        train_one_round(
-            model,
-            data,
-            budget=None,
-            noise_multiplier=None,
-            accountant=None,
-            rng_seed=0,
-            lr=0.5,
-            private=False,
-        )
+        NonPrivate(epochs=0, batch_size=20)
 
 
 # -- evaluation ------------------------------------------------------------------------------------------
@@ -313,7 +293,7 @@ def test_dp_round_of_the_cnn_on_6000_mnist_images(tmp_path: Path) -> None:
     acc = PersistentAccountant.load_or_create(tmp_path / "acc.json", b)
     start = time.perf_counter()
     result = train_one_round(
-        model, train, budget=b, noise_multiplier=sigma, accountant=acc, rng_seed=0, lr=0.5, private=True
+        model, train, LocalDpSgd(budget=b, noise_multiplier=sigma, accountant=acc), rng_seed=0, lr=0.5
     )
     seconds = time.perf_counter() - start
     load_flat_parameters(model, result.weights)

@@ -207,7 +207,7 @@ def kind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kind]:
 
 
 def test_federation_survives_a_participant_pod_deleted_mid_round(kind: Kind, tmp_path: Path) -> None:
-    from tessera.demo import write_hospital_data
+    from tessera.apps.demo import write_hospital_data
     from tessera.roster import create_federation
 
     # --- the coordinator ------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ turns a rendered Deployment into a :class:`LocalPod`:
 - a path in ``command``, ``args`` or an ``env`` value that lies under a ``mountPath`` is rewritten to the
   local directory; nothing else in the environment changes, except the broker URL's host and port, which
   name a Kubernetes Service and are pointed at the local broker;
-- ``command: ["tessera", ...]`` runs as ``python -m tessera.cli ...`` (the image's entrypoint is the
+- ``command: ["tessera", ...]`` runs as ``python -m tessera.apps.cli ...`` (the image's entrypoint is the
   ``tessera`` console script); init containers run first and must exit 0;
 - the image's own environment (``images/Dockerfile``: HOME, MPLCONFIGDIR, XDG_CACHE_HOME, ...) is applied
   with the same path mapping, and no ``TESSERA_*`` variable leaks in from the test process.
@@ -211,7 +211,7 @@ class LocalPod:
         if not argv:
             raise PodError(f"container {container['name']}: no command (the image's default is not emulated)")
         if argv[0] == "tessera":
-            argv = [sys.executable, "-m", "tessera.cli", *argv[1:]]
+            argv = [sys.executable, "-m", "tessera.apps.cli", *argv[1:]]
         return [argv[0], *(self.map_path(container, a) if a.startswith("/") else a for a in argv[1:])]
 
     def run_init_containers(self, timeout: float = 30) -> None:

@@ -206,7 +206,7 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     reason = local_broker_problem(BROKER_URL)
     if reason:
         pytest.skip(f"needs a local RabbitMQ administered with rabbitmqctl ({reason}; `make broker`)")
-    from tessera.demo import write_hospital_data
+    from tessera.apps.demo import write_hospital_data
     from tessera.roster import create_federation
     from tessera.transport import deprovision, generate_password
 

@@ -19,6 +19,8 @@ import numpy.typing as npt
 from tessera.errors import ConfigurationError
 from tessera.storage import atomic_write_arrays, atomic_write_json
 
+from .records import RoundRecord, Status
+
 CHECKPOINT = "checkpoint.npz"
 REPORT = "report.json"
 FORMAT_VERSION = 1
@@ -33,10 +35,12 @@ class CuratorState:
     model_fingerprint: str
     weights: npt.NDArray[np.float32]
     rounds_completed: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    status: str = "running"
+    history: list[RoundRecord] = field(default_factory=list)
+    status: Status = Status.RUNNING
     stop_reason: str | None = None
     restarts: int = 0
+    # Active organisations that missed their last round and have sent nothing since (see Attendance).
+    unresponsive: tuple[str, ...] = ()
 
     def document(self) -> dict[str, Any]:
         return {
@@ -45,10 +49,11 @@ class CuratorState:
             "model": self.model,
             "model_fingerprint": self.model_fingerprint,
             "rounds_completed": self.rounds_completed,
-            "history": self.history,
-            "status": self.status,
+            "history": [record.to_json() for record in self.history],
+            "status": self.status.value,
             "stop_reason": self.stop_reason,
             "restarts": self.restarts,
+            "unresponsive": list(self.unresponsive),
         }
 
 
@@ -83,17 +88,24 @@ def load(state_dir: Path) -> CuratorState | None:
         ) from exc
     if meta.get("format_version") != FORMAT_VERSION:
         raise ConfigurationError(f"checkpoint {path} has format {meta.get('format_version')}, expected 1")
-    return CuratorState(
-        federation=meta["federation"],
-        model=meta["model"],
-        model_fingerprint=meta["model_fingerprint"],
-        weights=weights,
-        rounds_completed=int(meta["rounds_completed"]),
-        history=list(meta["history"]),
-        status=meta["status"],
-        stop_reason=meta.get("stop_reason"),
-        restarts=int(meta.get("restarts", 0)),
-    )
+    try:
+        return CuratorState(
+            federation=meta["federation"],
+            model=meta["model"],
+            model_fingerprint=meta["model_fingerprint"],
+            weights=weights,
+            rounds_completed=int(meta["rounds_completed"]),
+            history=[RoundRecord.from_json(record) for record in meta["history"]],
+            status=Status(meta["status"]),
+            stop_reason=meta.get("stop_reason"),
+            restarts=int(meta.get("restarts", 0)),
+            unresponsive=tuple(meta.get("unresponsive", ())),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigurationError(
+            f"checkpoint {path} is damaged ({type(exc).__name__}: {exc}); move it away to start the "
+            "federation from scratch"
+        ) from exc
 
 
 __all__ = ["CHECKPOINT", "REPORT", "CuratorState", "load", "save"]

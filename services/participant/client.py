@@ -31,21 +31,22 @@ from tessera import protocol
 from tessera.bus import ParticipantBus, Received
 from tessera.crypto import SigningKey
 from tessera.data import ArrayDataset
-from tessera.dp import PersistentAccountant, PrivacyBudget, plan_noise_multiplier
+from tessera.envelope import Admitted, Refused, Sealed, admit, seal, seal_secagg
 from tessera.errors import ConfigurationError, ProtocolError
 from tessera.fedavg import UpdateLayout
+from tessera.inference import evaluate
 from tessera.models import build_model, load_flat_parameters, model_fingerprint
+from tessera.observability import ParticipantMetricsSink
 from tessera.roster import RosterFile
 from tessera.secagg.config import ParticipantPolicy
 from tessera.secagg.messages import MaskedInput, StartAggregation, UnmaskShares
 from tessera.secagg.participant import ParticipantSession, ParticipantState
 from tessera.secagg.wire import WireLimits
-from tessera.secagg.wire import decode as decode_secagg
-from tessera.secagg.wire import encode as encode_secagg
 from torch import nn
 
+from .plan import training_mode
 from .settings import ParticipantSettings
-from .training import evaluate, train_one_round
+from .training import TrainingMode, train_one_round
 
 log = structlog.get_logger("tessera.participant")
 
@@ -79,8 +80,9 @@ class Participant:
         *,
         train: ArrayDataset,
         validation: ArrayDataset,
-        metrics: Any = None,
+        metrics: ParticipantMetricsSink | None = None,
         heartbeat: Callable[[], None] = lambda: None,
+        mode: TrainingMode | None = None,
     ) -> None:
         if roster.federation != settings.federation:
             raise ConfigurationError(
@@ -99,45 +101,12 @@ class Participant:
         self.bus = bus
         self.train_data = train
         self.validation = validation
-        self.metrics = metrics
+        self.metrics = metrics or ParticipantMetricsSink()
         self.heartbeat = heartbeat
         self.model: nn.Module = build_model(settings.model, allowed_imports=settings.allowed_imports)
         self.fingerprint = model_fingerprint(settings.model, self.model)
-        self.budget: PrivacyBudget | None = None
-        self.accountant: PersistentAccountant | None = None
-        self.noise_multiplier: float | None = None
-        privacy = settings.privacy
-        if privacy.enabled:
-            self.budget = PrivacyBudget(
-                target_epsilon=privacy.target_epsilon,
-                delta=privacy.delta,
-                max_grad_norm=privacy.max_grad_norm,
-                planned_rounds=privacy.planned_rounds,
-                local_epochs=privacy.local_epochs,
-                batch_size=min(privacy.batch_size, len(train)),
-                n_train=len(train),
-            )
-            self.noise_multiplier = plan_noise_multiplier(self.budget, privacy.accountant)
-            self.accountant = PersistentAccountant.load_or_create(
-                settings.state_dir / "accountant.json",
-                self.budget,
-                accountant=privacy.accountant,
-                dataset_fingerprint=train.fingerprint(),
-            )
-            log.info(
-                "privacy_plan",
-                target_epsilon=privacy.target_epsilon,
-                delta=privacy.delta,
-                noise_multiplier=round(self.noise_multiplier, 4),
-                epsilon_spent=round(self.accountant.epsilon(), 4),
-                rounds_done=self.accountant.rounds_done,
-            )
-            self._report_epsilon()
-        else:
-            log.warning(
-                "differential_privacy_disabled",
-                detail="TESSERA_PRIVACY__ENABLED=false: updates carry NO differential-privacy guarantee",
-            )
+        self.mode = mode or training_mode(settings.privacy, train=train, state_dir=settings.state_dir)
+        self._report_epsilon()
         self._work: _Work | None = None
         self._announcement: protocol.RoundAnnouncement | None = None
         self._session: ParticipantSession | None = None
@@ -168,32 +137,35 @@ class Participant:
                 return outcome
 
     def _handle(self, delivery: Received) -> Exit | None:
-        if self.metrics is not None:
-            self.metrics.bytes_received.inc(len(delivery.body))
+        self.metrics.bytes_received(len(delivery.body))
+        entry = admit(delivery, federation=self.settings.federation, max_payload=self._max_payload())
         try:
-            header, payload = protocol.decode(delivery.body, max_payload=self._max_payload())
-            if getattr(header, "federation", None) != self.settings.federation:
-                raise ProtocolError("message for another federation")
-            if isinstance(header, protocol.RoundAnnouncement):
-                outcome = self._on_round(header, payload)
-            elif isinstance(header, protocol.SecAgg):
-                self._on_secagg(payload)
-                outcome = None
-            elif isinstance(header, protocol.Finished):
-                log.info(
-                    "federation_finished", reason=header.reason, rounds_completed=header.rounds_completed
-                )
-                outcome = Exit.FINISHED
-            else:
-                raise ProtocolError(f"{type(header).__name__} is not a message for participants")
+            if isinstance(entry, Refused):
+                raise ProtocolError(entry.reason)
+            outcome = self._dispatch(entry)
         except ProtocolError as exc:
             log.warning("message_rejected", reason=exc.reason, type=delivery.message_type)
-            if self.metrics is not None:
-                self.metrics.rejected_messages.labels(reason="invalid").inc()
+            self.metrics.message_rejected("invalid")
             self.bus.reject(delivery, exc.reason)
             return None
         self.bus.ack(delivery)
         return outcome
+
+    def _dispatch(self, message: Admitted) -> Exit | None:
+        header = message.header
+        if isinstance(header, protocol.RoundAnnouncement):
+            return self._on_round(header, message.payload)
+        if isinstance(header, protocol.SecAgg):
+            self._on_secagg(message)
+            return None
+        if isinstance(header, protocol.Finished):
+            log.info("federation_finished", reason=header.reason, rounds_completed=header.rounds_completed)
+            return Exit.FINISHED
+        raise ProtocolError(f"{type(header).__name__} is not a message for participants")
+
+    def _send(self, sealed: Sealed) -> None:
+        self.bus.send(sealed.body, message_type=sealed.message_type)
+        self.metrics.bytes_sent(len(sealed.body))
 
     def _max_payload(self) -> int:
         params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -239,16 +211,15 @@ class Participant:
             self._work = self._compute(header.round, digest, layout, weights)
         else:
             log.info("update_reused", attempt=header.attempt)
-        self.bus.send(
-            protocol.encode(
+        self._send(
+            seal(
                 protocol.Ready(
                     federation=self.settings.federation,
                     round=header.round,
                     attempt=header.attempt,
                     aggregation=header.aggregation,
                 )
-            ),
-            message_type="ready",
+            )
         )
         log.info("ready", attempt=header.attempt)
         return None
@@ -273,16 +244,9 @@ class Participant:
         return None
 
     def _budget_spent(self) -> bool:
-        if self.accountant is None or self.budget is None or self.noise_multiplier is None:
+        detail = self.mode.refusal()
+        if detail is None:
             return False
-        if not self.accountant.would_exceed(
-            self.noise_multiplier, self.budget.sample_rate, self.budget.steps_per_round
-        ):
-            return False
-        detail = (
-            f"one more round would take epsilon from {self.accountant.epsilon():.3f} above the target "
-            f"{self.budget.target_epsilon}"
-        )
         log.warning("privacy_budget_exhausted", detail=detail)
         self._leave(protocol.LeaveReason.BUDGET_EXHAUSTED, detail)
         return True
@@ -300,24 +264,18 @@ class Participant:
         result = train_one_round(
             self.model,
             self.train_data,
-            budget=self.budget,
-            noise_multiplier=self.noise_multiplier,
-            accountant=self.accountant,
+            self.mode,
             rng_seed=None
             if self.settings.training_seed is None
             else self.settings.training_seed + round_number,
             lr=lr,
-            private=privacy.enabled,
-            epochs=None if privacy.enabled else privacy.local_epochs,
-            batch_size=None if privacy.enabled else min(privacy.batch_size, len(self.train_data)),
             momentum=privacy.momentum,
         )
         update = result.weights.astype(np.float64) - weights.astype(np.float64)
         vector, clipped = layout.encode(
             update, weight=len(self.train_data), evaluation=evaluation, epsilon=result.epsilon, rng=self._rng
         )
-        if self.metrics is not None:
-            self.metrics.training_duration.observe(time.monotonic() - started)
+        self.metrics.trained(time.monotonic() - started)
         self._report_epsilon()
         log.info(
             "trained",
@@ -330,15 +288,14 @@ class Participant:
         return _Work(round=round_number, weights_digest=digest, layout=layout, vector=vector)
 
     def _report_epsilon(self) -> None:
-        if self.metrics is None or self.accountant is None or self.budget is None:
-            return
-        spent = self.accountant.epsilon()
-        self.metrics.epsilon_spent.set(spent)
-        self.metrics.epsilon_budget_remaining.set(max(0.0, self.budget.target_epsilon - spent))
+        spent, target = self.mode.epsilon(), self.mode.target_epsilon
+        if spent is not None and target is not None:
+            self.metrics.privacy_spent(spent, target=target)
 
     def _leave(self, reason: protocol.LeaveReason, detail: str) -> None:
-        header = protocol.Leave(federation=self.settings.federation, reason=reason, detail=detail[:500])
-        self.bus.send(protocol.encode(header), message_type="leave")
+        self._send(
+            seal(protocol.Leave(federation=self.settings.federation, reason=reason, detail=detail[:500]))
+        )
 
     # --- secure aggregation -----------------------------------------------------------------------------------
 
@@ -355,10 +312,10 @@ class Participant:
             log.warning("fault_injection_stall", before=kind, seconds=faults.stall_seconds)
             time.sleep(faults.stall_seconds)
 
-    def _on_secagg(self, payload: bytes) -> None:
+    def _on_secagg(self, envelope: Admitted) -> None:
         if self._limits is None or self._announcement is None or self._work is None:
             raise ProtocolError("secure-aggregation message before any round announcement")
-        message = decode_secagg(payload, self._limits)
+        message = envelope.secagg(self._limits)
         if isinstance(message, StartAggregation):
             ids = message.config.ids
             if (ids.round, ids.aggregation) != (self._announcement.round, self._announcement.aggregation):
@@ -388,17 +345,13 @@ class Participant:
             self._maybe_stall(reply)
             if isinstance(reply, UnmaskShares):
                 self._work.revealed = True  # before sending: a crash now must not allow reuse
-            body = protocol.encode(protocol.SecAgg(federation=self.settings.federation), encode_secagg(reply))
-            self.bus.send(body, message_type="secagg")
-            if self.metrics is not None:
-                self.metrics.bytes_sent.inc(len(body))
+            self._send(seal_secagg(self.settings.federation, reply))
         # Shares sent: mask the input now, while the curator waits for everybody else's shares, rather than
         # after ForwardedShares arrives (n - 1 keystreams of the vector's size; a no-op in other states).
         self._session.prepare_masked_input()
         if self._session.state is ParticipantState.DONE:
             log.info("aggregation_done")
-            if self.metrics is not None:
-                self.metrics.rounds_completed.inc()
+            self.metrics.aggregation_completed()
         elif self._session.state is ParticipantState.ABORTED:
             log.warning("aggregation_aborted", reason=self._session.abort_reason)
 

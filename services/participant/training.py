@@ -1,17 +1,21 @@
-"""Local training with DP-SGD (Opacus) and evaluation into summable counts.
+"""Local training, with DP-SGD (Opacus) or without: one round of it, in a training mode chosen as a value.
 
 This is the only module that imports Opacus' ``PrivacyEngine``.
 
 Training contract (:func:`train_one_round`)
 -------------------------------------------
-- **Private mode** (``private=True``) runs exactly ``budget.steps_per_round`` DP-SGD steps: Poisson
+A :class:`TrainingMode` decides how a round trains: which loader, which optimiser wrapper, what is recorded
+before the first step and what ε the round ends at. ``train_one_round(model, data, mode, ...)`` runs the
+steps and builds the :class:`TrainResult` once, whatever the mode; a new mode is one new class.
+
+- **Local DP-SGD** (:class:`LocalDpSgd`) runs exactly ``budget.steps_per_round`` DP-SGD steps: Poisson
   sampling at ``budget.sample_rate`` (``batch_size / n_train``), per-sample gradients clipped to
   ``budget.max_grad_norm``, Gaussian noise of standard deviation ``noise_multiplier × max_grad_norm`` added
   to each summed batch gradient. The round is recorded in the :class:`~tessera.dp.PersistentAccountant`
   *before* training starts (write-ahead: a crash can only over-count spent privacy); a round that would
   exceed the target ε is refused with :class:`~tessera.errors.LocalUsageError` and nothing is trained or
   recorded.
-- **Non-private mode** must be asked for explicitly (``private=False``) and logs a loud warning
+- **Non-private** (:class:`NonPrivate`) must be asked for explicitly and logs a loud warning
   (``training_without_differential_privacy``): plain mini-batch SGD over shuffled data, nothing recorded.
 - The caller's ``model`` is not modified: training runs on a deep copy, which Opacus wraps in a
   ``GradSampleModule`` whose parameter names carry a ``_module.`` prefix. Weights are read back from the
@@ -36,13 +40,6 @@ own ``secure_mode`` noise routine (the sum of four Gaussian draws / 2, after Hol
 no torchcsprng and defends against the floating-point attack on naively sampled Gaussian noise. Where a
 certified guarantee matters, install a CSPRNG-backed generator once torchcsprng (or an equivalent) is
 available for the torch in use and pass it as the noise generator.
-
-Evaluation contract (:func:`evaluate`)
---------------------------------------
-:class:`EvalCounts` holds integer counts (correct, total, a ``num_classes × num_classes`` confusion matrix
-with rows = true class and columns = predicted class) and the summed cross-entropy loss. Counts from several
-participants add up (``+`` or :meth:`EvalCounts.to_vector` inside secure aggregation); :func:`accuracy` and
-:func:`class_metrics` derive the metrics from (summed) counts, never from per-organisation rates.
 """
 
 from __future__ import annotations
@@ -54,8 +51,10 @@ import os
 import secrets
 import time
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -65,9 +64,8 @@ from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from opacus.validators.errors import UnsupportedModuleError
 from tessera.data import ArrayDataset
-from tessera.dp import PersistentAccountant, PrivacyBudget
+from tessera.dp import PersistentAccountant, PrivacyBudget, steps_for_epochs
 from tessera.errors import ConfigurationError, LocalUsageError
-from tessera.evaluation import ClassMetrics, EvalCounts, accuracy, class_metrics
 from tessera.models import flatten_parameters, trainable_parameters
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -136,6 +134,183 @@ class TrainResult:
     seconds: float
 
 
+@dataclass
+class PreparedRound:
+    """What a mode hands the step loop: the (possibly wrapped) model, optimiser and loader, the step count,
+    the ε after this round, and what to undo once the steps are done."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader[tuple[torch.Tensor, ...]]
+    steps: int
+    epsilon: float | None = None
+    finish: Callable[[], None] = field(default=lambda: None)
+
+
+class TrainingMode(ABC):
+    """How a participant trains in one round. Subclasses fix the sampling, the optimiser wrapper and what
+    is recorded before the first step; :func:`train_one_round` does the rest."""
+
+    private: ClassVar[bool]
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    target_epsilon: float | None = None
+
+    @abstractmethod
+    def prepare(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dataset: TensorDataset,
+        *,
+        sample_seed: int,
+        noise_seed: int,
+    ) -> PreparedRound:
+        """Set up one round on ``model`` (a private copy); raise before anything is recorded if it cannot run."""
+
+    def refusal(self) -> str | None:
+        """Why one more round must not be trained (its privacy budget would be exceeded), or None."""
+        return None
+
+    def epsilon(self) -> float | None:
+        """ε spent so far (None when the mode is not differentially private)."""
+        return None
+
+
+class NonPrivate(TrainingMode):
+    """Plain mini-batch SGD over shuffled data, ``epochs`` passes per round: NO differential privacy."""
+
+    private = False
+
+    def __init__(self, *, epochs: float, batch_size: int) -> None:
+        if not epochs > 0 or batch_size < 1:
+            raise LocalUsageError("non-private training needs epochs > 0 and batch_size >= 1")
+        self.epochs = epochs
+        self.batch_size = batch_size
+
+    def prepare(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dataset: TensorDataset,
+        *,
+        sample_seed: int,
+        noise_seed: int,
+    ) -> PreparedRound:
+        steps = steps_for_epochs(self.epochs, n_train=len(dataset), batch_size=self.batch_size)
+        log.warning(
+            "training_without_differential_privacy",
+            reason="the non-private training mode was chosen",
+            consequence="the update is NOT differentially private and reveals information about local data",
+            steps=steps,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(sample_seed),
+        )
+        return PreparedRound(model=model, optimizer=optimizer, loader=loader, steps=steps)
+
+
+class LocalDpSgd(TrainingMode):
+    """DP-SGD at this organisation (Opacus): Poisson sampling at the budget's rate, per-example clipping,
+    Gaussian noise of ``noise_multiplier × max_grad_norm``; each round is recorded in the persistent
+    accountant before its first step."""
+
+    private = True
+
+    def __init__(
+        self,
+        *,
+        budget: PrivacyBudget | None,
+        noise_multiplier: float | None,
+        accountant: PersistentAccountant | None,
+    ) -> None:
+        if budget is None or accountant is None or noise_multiplier is None:
+            raise LocalUsageError("local DP-SGD needs budget, noise_multiplier and accountant")
+        if accountant.budget != budget:
+            raise LocalUsageError("the accountant was loaded with a different budget than the one passed")
+        self.budget = budget
+        self.noise_multiplier = self._sigma = noise_multiplier
+        self.accountant = accountant
+        self.sample_rate = budget.sample_rate
+        self.target_epsilon = budget.target_epsilon
+
+    def refusal(self) -> str | None:
+        b = self.budget
+        if not self.accountant.would_exceed(self._sigma, b.sample_rate, b.steps_per_round):
+            return None
+        return (
+            f"one more round would take epsilon from {self.accountant.epsilon():.3f} above the target "
+            f"{b.target_epsilon}"
+        )
+
+    def epsilon(self) -> float:
+        return self.accountant.epsilon()
+
+    def prepare(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dataset: TensorDataset,
+        *,
+        sample_seed: int,
+        noise_seed: int,
+    ) -> PreparedRound:
+        budget = self.budget
+        if len(dataset) != budget.n_train:
+            raise ConfigurationError(
+                f"the privacy budget was planned for n_train={budget.n_train} but the training split holds "
+                f"{len(dataset)} examples; set n_train to the split size and re-plan the noise"
+            )
+        q, steps = budget.sample_rate, budget.steps_per_round
+        names_before = [n for n, _ in trainable_parameters(model)]
+        with warnings.catch_warnings():
+            # We document the missing secure RNG above; Opacus' generic warning would only repeat it every round.
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant="rdp")
+            poisson_loader = DPDataLoader(
+                dataset, sample_rate=q, generator=torch.Generator().manual_seed(sample_seed)
+            )
+            try:
+                dp_model, dp_optimizer, dp_loader = engine.make_private(
+                    module=model,
+                    optimizer=optimizer,
+                    data_loader=poisson_loader,
+                    noise_multiplier=self._sigma,
+                    max_grad_norm=budget.max_grad_norm,
+                    poisson_sampling=False,  # the loader above already samples with our q and generator
+                    noise_generator=torch.Generator().manual_seed(noise_seed),
+                )
+            except UnsupportedModuleError as exc:
+                raise ConfigurationError(f"model cannot be trained with DP-SGD: {exc}") from exc
+        # make_private derives the expected batch size from len(loader); the true mean batch size is n × q.
+        dp_optimizer.expected_batch_size = budget.batch_size
+        # Noise robust to the floating-point attack (sum of 4 Gaussians / 2); needs no torchcsprng.
+        dp_optimizer.secure_mode = True
+        if dp_model._module is not model:  # pragma: no cover - guards an Opacus behaviour change
+            raise RuntimeError("Opacus did not wrap the model we passed")
+        epsilon = self.accountant.record_round(self._sigma, q, steps)  # write-ahead
+
+        def finish() -> None:
+            engine_steps = sum(h[2] for h in engine.accountant.history)
+            if engine_steps != steps:  # pragma: no cover - our step loop and Opacus' hook must agree
+                raise RuntimeError(f"Opacus counted {engine_steps} noisy steps, we recorded {steps}")
+            dp_model.remove_hooks()
+            if [n for n, _ in trainable_parameters(model)] != names_before:  # pragma: no cover
+                raise RuntimeError("parameter names changed during private training")
+
+        return PreparedRound(
+            model=dp_model,
+            optimizer=dp_optimizer,
+            loader=dp_loader,
+            steps=steps,
+            epsilon=epsilon,
+            finish=finish,
+        )
+
+
 def _seeds(rng_seed: int | None) -> tuple[int, int]:
     """(sampling seed, noise seed): derived from ``rng_seed``, or fresh from OS entropy when it is None."""
     if rng_seed is None:
@@ -199,28 +374,18 @@ def _run_epoch(
 def train_one_round(
     model: nn.Module,
     train_data: ArrayDataset,
+    mode: TrainingMode,
     *,
-    budget: PrivacyBudget | None,
-    noise_multiplier: float | None,
-    accountant: PersistentAccountant | None,
     rng_seed: int | None,
     lr: float,
-    private: bool,
-    epochs: float | None = None,
-    batch_size: int | None = None,
     momentum: float = 0.0,
     num_threads: int | None = None,
 ) -> TrainResult:
-    """Train a copy of ``model`` on ``train_data`` for one round and return its weights and statistics.
-
-    Private mode needs ``budget``, ``noise_multiplier`` and ``accountant`` (whose budget must equal
-    ``budget``); ``epochs`` and ``batch_size`` default to the budget's and, if given, must equal them, and
-    ``len(train_data)`` must equal ``budget.n_train``. Non-private mode needs ``epochs`` and ``batch_size``
-    (or a budget to take them from) and ignores the noise multiplier and the accountant.
+    """Train a copy of ``model`` on ``train_data`` for one round in ``mode``; return its weights and statistics.
 
     Raises:
-        LocalUsageError: missing or inconsistent arguments, or the round would exceed the privacy budget
-            (nothing was trained or recorded; stop training, the budget is spent).
+        LocalUsageError: ``lr`` is not positive, the data is empty, or (private modes) the round would exceed
+            the privacy budget (nothing was trained or recorded; stop training, the budget is spent).
         ConfigurationError: the training split does not match the budget's ``n_train``, or the model has
             layers Opacus cannot train privately (e.g. BatchNorm: use GroupNorm).
         OSError: the accountant file could not be saved (nothing was trained).
@@ -231,154 +396,34 @@ def train_one_round(
         raise LocalUsageError("empty training data")
     sample_seed, noise_seed = _seeds(rng_seed)
     work = copy.deepcopy(model)
-    names_before = [n for n, _ in trainable_parameters(work)]
     optimizer = torch.optim.SGD(work.parameters(), lr=lr, momentum=momentum)
-    dataset = _tensors(train_data)
     start = time.perf_counter()
-
-    if not private:
-        if budget is not None:
-            epochs = budget.local_epochs if epochs is None else epochs
-            batch_size = budget.batch_size if batch_size is None else batch_size
-        if epochs is None or batch_size is None or not epochs > 0 or batch_size < 1:
-            raise LocalUsageError("non-private training needs epochs > 0 and batch_size >= 1")
-        steps = max(1, math.ceil(round(epochs * len(train_data) / batch_size, 9)))
-        log.warning(
-            "training_without_differential_privacy",
-            reason="private=False was requested",
-            consequence="the update is NOT differentially private and reveals information about local data",
-            steps=steps,
-        )
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(sample_seed),
-        )
-        with torch_threads(num_threads):
-            loss_sum, seen = _run_steps(work, loader, optimizer, steps)
-        return TrainResult(
-            weights=flatten_parameters(work),
-            steps=steps,
-            private=False,
-            noise_multiplier=None,
-            sample_rate=None,
-            epsilon=None,
-            mean_loss=loss_sum / seen if seen else math.nan,
-            examples_processed=seen,
-            seconds=time.perf_counter() - start,
-        )
-
-    if budget is None or accountant is None or noise_multiplier is None:
-        raise LocalUsageError("private training needs budget, noise_multiplier and accountant")
-    if accountant.budget != budget:
-        raise LocalUsageError("the accountant was loaded with a different budget than the one passed")
-    if (epochs is not None and epochs != budget.local_epochs) or (
-        batch_size is not None and batch_size != budget.batch_size
-    ):
-        raise LocalUsageError(
-            f"private training follows the budget's plan (local_epochs={budget.local_epochs}, "
-            f"batch_size={budget.batch_size}); got epochs={epochs}, batch_size={batch_size}"
-        )
-    if len(train_data) != budget.n_train:
-        raise ConfigurationError(
-            f"the privacy budget was planned for n_train={budget.n_train} but the training split holds "
-            f"{len(train_data)} examples; set n_train to the split size and re-plan the noise"
-        )
-    q, steps = budget.sample_rate, budget.steps_per_round
-
-    with warnings.catch_warnings():
-        # We document the missing secure RNG above; Opacus' generic warning would only repeat it every round.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant="rdp")
-        poisson_loader = DPDataLoader(
-            dataset, sample_rate=q, generator=torch.Generator().manual_seed(sample_seed)
-        )
-        try:
-            dp_model, dp_optimizer, dp_loader = engine.make_private(
-                module=work,
-                optimizer=optimizer,
-                data_loader=poisson_loader,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=budget.max_grad_norm,
-                poisson_sampling=False,  # the loader above already samples with our q and generator
-                noise_generator=torch.Generator().manual_seed(noise_seed),
-            )
-        except UnsupportedModuleError as exc:
-            raise ConfigurationError(f"model cannot be trained with DP-SGD: {exc}") from exc
-    # make_private derives the expected batch size from len(loader); the true mean batch size is n × q.
-    dp_optimizer.expected_batch_size = budget.batch_size
-    # Noise robust to the floating-point attack (sum of 4 Gaussians / 2); needs no torchcsprng.
-    dp_optimizer.secure_mode = True
-    if dp_model._module is not work:  # pragma: no cover - guards an Opacus behaviour change
-        raise RuntimeError("Opacus did not wrap the model we passed")
-
-    epsilon = accountant.record_round(noise_multiplier, q, steps)  # write-ahead: before any training
+    prepared = mode.prepare(
+        work, optimizer, _tensors(train_data), sample_seed=sample_seed, noise_seed=noise_seed
+    )
     with torch_threads(num_threads):
-        loss_sum, seen = _run_steps(dp_model, dp_loader, dp_optimizer, steps)
-    engine_steps = sum(h[2] for h in engine.accountant.history)
-    if engine_steps != steps:  # pragma: no cover - our step loop and Opacus' hook must agree
-        raise RuntimeError(f"Opacus counted {engine_steps} noisy steps, we recorded {steps}")
-    dp_model.remove_hooks()
-    if [n for n, _ in trainable_parameters(work)] != names_before:  # pragma: no cover
-        raise RuntimeError("parameter names changed during private training")
+        loss_sum, seen = _run_steps(prepared.model, prepared.loader, prepared.optimizer, prepared.steps)
+    prepared.finish()
     return TrainResult(
         weights=flatten_parameters(work),
-        steps=steps,
-        private=True,
-        noise_multiplier=noise_multiplier,
-        sample_rate=q,
-        epsilon=epsilon,
+        steps=prepared.steps,
+        private=mode.private,
+        noise_multiplier=mode.noise_multiplier,
+        sample_rate=mode.sample_rate,
+        epsilon=prepared.epsilon,
         mean_loss=loss_sum / seen if seen else math.nan,
         examples_processed=seen,
         seconds=time.perf_counter() - start,
     )
 
 
-# -- evaluation ------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: ArrayDataset, num_classes: int, *, batch_size: int = 1024) -> EvalCounts:
-    """Evaluate ``model`` on ``data`` (eval mode, no gradients; the training flag is restored).
-
-    Raises:
-        ConfigurationError: a label is ≥ ``num_classes`` or the model outputs a different number of classes.
-    """
-    counts = EvalCounts.zero(num_classes)
-    if len(data) == 0:
-        return counts
-    if int(data.y.max()) >= num_classes:
-        raise ConfigurationError(f"label {int(data.y.max())} out of range for num_classes={num_classes}")
-    was_training = model.training
-    model.eval()
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    loss_sum = 0.0
-    try:
-        for i in range(0, len(data), batch_size):
-            xb = torch.from_numpy(np.array(data.x[i : i + batch_size]))
-            yb = torch.from_numpy(np.array(data.y[i : i + batch_size]))
-            logits = model(xb)
-            if logits.ndim != 2 or logits.shape[1] != num_classes:
-                raise ConfigurationError(
-                    f"model outputs shape {tuple(logits.shape)}, expected (batch, {num_classes})"
-                )
-            loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
-            pred = logits.argmax(dim=1).numpy()
-            np.add.at(confusion, (yb.numpy(), pred), 1)
-    finally:
-        model.train(was_training)
-    return EvalCounts(int(np.trace(confusion)), int(confusion.sum()), loss_sum, confusion)
-
-
 __all__ = [
-    "ClassMetrics",
-    "EvalCounts",
+    "LocalDpSgd",
+    "NonPrivate",
+    "PreparedRound",
     "TrainResult",
-    "accuracy",
-    "class_metrics",
+    "TrainingMode",
     "default_num_threads",
-    "evaluate",
     "torch_threads",
     "train_one_round",
 ]

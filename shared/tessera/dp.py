@@ -60,6 +60,13 @@ HistoryEntry = tuple[float, float, int]
 """One accountant history entry: (noise multiplier σ, sample rate q, number of steps)."""
 
 
+def steps_for_epochs(epochs: float, *, n_train: int, batch_size: int) -> int:
+    """Optimiser steps that make ``epochs`` passes over ``n_train`` records in (expected) batches of
+    ``batch_size``: ceil(epochs · n_train / batch_size), at least 1. The same plan with or without DP."""
+    # Rounded before ceil so that e.g. 3 epochs at q = 0.03 gives 100 steps, not 101 from float noise.
+    return max(1, math.ceil(round(epochs * n_train / batch_size, 9)))
+
+
 class PrivacyBudget(BaseModel):
     """A participant's privacy budget and training plan (frozen, validated).
 
@@ -93,8 +100,7 @@ class PrivacyBudget(BaseModel):
     @property
     def steps_per_round(self) -> int:
         """DP-SGD steps per round: ceil(local_epochs / sample_rate), at least 1."""
-        # Rounded before ceil so that e.g. 3 epochs at q = 0.03 gives 100 steps, not 101 from float noise.
-        return max(1, math.ceil(round(self.local_epochs * self.n_train / self.batch_size, 9)))
+        return steps_for_epochs(self.local_epochs, n_train=self.n_train, batch_size=self.batch_size)
 
     @property
     def planned_steps(self) -> int:
@@ -417,4 +423,5 @@ __all__ = [
     "PersistentAccountant",
     "PrivacyBudget",
     "plan_noise_multiplier",
+    "steps_for_epochs",
 ]

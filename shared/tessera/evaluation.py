@@ -1,6 +1,6 @@
 """Evaluation counts that add up across organisations, and the metrics derived from their sums.
 
-Used on both sides: a participant counts on its validation split (``tessera.participant.training.evaluate``)
+Used on both sides: a participant counts on its validation split (:func:`tessera.inference.evaluate`)
 and submits the counts through secure aggregation; the curator derives accuracy, precision, recall and F1
 from the *summed* counts only -- never from one organisation's rates.
 """

@@ -15,8 +15,9 @@ One :class:`HealthServer` per service process serves three read-only endpoints o
 Every other path answers 404 and every other method 405. A handler never lets an exception out: a failure
 (e.g. a collector that raises while ``/metrics`` is rendered) answers 500, is logged, and the server goes on.
 
-:class:`CuratorMetrics` and :class:`ParticipantMetrics` register the services' metrics on a registry the
-caller creates (``CollectorRegistry()``, one per service instance — never the process-global default
+:class:`CuratorMetrics` and :class:`ParticipantMetrics` are the services' metrics sinks (the events of
+:class:`CuratorMetricsSink` and :class:`ParticipantMetricsSink`, whose no-op base classes are what a service
+uses when it exports nothing), registered on a registry the caller creates (``CollectorRegistry()``, one per service instance — never the process-global default
 registry), so tests and in-process federations can run several services side by side.
 
 Label values must come from a small fixed vocabulary: ``phase`` is a secure-aggregation phase name
@@ -44,7 +45,13 @@ from prometheus_client.exposition import choose_encoder
 
 from tessera.errors import ConfigurationError, LocalUsageError
 
-__all__ = ["CuratorMetrics", "HealthServer", "ParticipantMetrics"]
+__all__ = [
+    "CuratorMetrics",
+    "CuratorMetricsSink",
+    "HealthServer",
+    "ParticipantMetrics",
+    "ParticipantMetricsSink",
+]
 
 _log = structlog.get_logger(__name__)
 
@@ -293,6 +300,49 @@ _ROUND_BUCKETS: Final = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1
 _PHASE_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
+class CuratorMetricsSink:
+    """What the curator reports to monitoring, as events. This base class records nothing: it is the null
+    object a curator uses when no metrics are exported (tests, in-process federations, benchmarks)."""
+
+    def bytes_sent(self, count: int) -> None:
+        """``count`` message body bytes were published."""
+
+    def bytes_received(self, count: int) -> None:
+        """``count`` message body bytes were received."""
+
+    def message_rejected(self, reason: str) -> None:
+        """A message was dropped; ``reason`` is a code from a fixed vocabulary (``invalid``, ``stale``)."""
+
+    def phase_closed(self, phase: str, *, seconds: float, expected: int, answered: int) -> None:
+        """A secure-aggregation phase closed after ``seconds`` with ``answered`` of ``expected`` participants."""
+
+    def round_completed(self, round_number: int, *, accuracy: float | None, seconds: float) -> None:
+        """Round ``round_number`` completed; ``accuracy`` is its secure-averaged accuracy (None: not evaluated)."""
+
+
+class ParticipantMetricsSink:
+    """What a participant reports to its organisation's monitoring, as events; this base records nothing
+    (the null object). None of it is ever sent to the curator."""
+
+    def bytes_sent(self, count: int) -> None:
+        """``count`` message body bytes were published."""
+
+    def bytes_received(self, count: int) -> None:
+        """``count`` message body bytes were received."""
+
+    def message_rejected(self, reason: str) -> None:
+        """A message was dropped; ``reason`` is a code from a fixed vocabulary."""
+
+    def trained(self, seconds: float) -> None:
+        """Local training of one round took ``seconds``."""
+
+    def privacy_spent(self, epsilon: float, *, target: float) -> None:
+        """ε spent so far, and the target it may reach."""
+
+    def aggregation_completed(self) -> None:
+        """A secure aggregation this participant took part in completed."""
+
+
 class _CommonMetrics:
     """The metrics both services export, under the same names (the scrape job tells them apart)."""
 
@@ -313,10 +363,10 @@ class _CommonMetrics:
             buckets=_PHASE_BUCKETS,
             registry=registry,
         )
-        self.bytes_sent: Counter = Counter(
+        self.bytes_sent_total: Counter = Counter(
             "tessera_bytes_sent", "Message body bytes published to the broker.", registry=registry
         )
-        self.bytes_received: Counter = Counter(
+        self.bytes_received_total: Counter = Counter(
             "tessera_bytes_received", "Message body bytes received from the broker.", registry=registry
         )
         self.rejected_messages: Counter = Counter(
@@ -326,8 +376,17 @@ class _CommonMetrics:
             registry=registry,
         )
 
+    def bytes_sent(self, count: int) -> None:
+        self.bytes_sent_total.inc(count)
 
-class CuratorMetrics(_CommonMetrics):
+    def bytes_received(self, count: int) -> None:
+        self.bytes_received_total.inc(count)
+
+    def message_rejected(self, reason: str) -> None:
+        self.rejected_messages.labels(reason=reason).inc()
+
+
+class CuratorMetrics(_CommonMetrics, CuratorMetricsSink):
     """The curator's metrics, registered on ``registry`` (a fresh ``CollectorRegistry`` per curator).
 
     Raises ``ValueError`` (from prometheus_client) if the registry already holds these names: give each
@@ -357,8 +416,21 @@ class CuratorMetrics(_CommonMetrics):
             registry=registry,
         )
 
+    def phase_closed(self, phase: str, *, seconds: float, expected: int, answered: int) -> None:
+        self.phase_duration.labels(phase=phase).observe(seconds)
+        self.participants.labels(phase=phase).set(answered)
+        if expected > answered:
+            self.dropouts.labels(phase=phase).inc(expected - answered)
 
-class ParticipantMetrics(_CommonMetrics):
+    def round_completed(self, round_number: int, *, accuracy: float | None, seconds: float) -> None:
+        self.rounds_completed.inc()
+        self.current_round.set(round_number)
+        if accuracy is not None:
+            self.last_accuracy.set(accuracy)
+        self.round_duration.observe(seconds)
+
+
+class ParticipantMetrics(_CommonMetrics, ParticipantMetricsSink):
     """One participant's metrics, registered on ``registry`` (a fresh ``CollectorRegistry`` per participant).
 
     These stay inside the organisation's own monitoring; none of them is sent to the curator. Raises
@@ -383,3 +455,13 @@ class ParticipantMetrics(_CommonMetrics):
             "Privacy budget ε this participant has left before it stops training.",
             registry=registry,
         )
+
+    def trained(self, seconds: float) -> None:
+        self.training_duration.observe(seconds)
+
+    def privacy_spent(self, epsilon: float, *, target: float) -> None:
+        self.epsilon_spent.set(epsilon)
+        self.epsilon_budget_remaining.set(max(0.0, target - epsilon))
+
+    def aggregation_completed(self) -> None:
+        self.rounds_completed.inc()

@@ -5,7 +5,7 @@ Each test builds one or more :class:`Federation` objects with the ``federation``
 - its own ids (federation, organisations, curator user: broker users are global across vhosts, so every
   test must use fresh names), a roster with identity keys, and broker passwords in files;
 - scikit-learn's breast-cancer data split unevenly across its organisations, one CSV file each, plus the
-  shared feature encoding (exactly what ``tessera.demo`` does for its hospitals);
+  shared feature encoding (exactly what ``tessera.apps.demo`` does for its hospitals);
 - a provisioned vhost (``tessera.transport.provision``), deprovisioned in the fixture's finalizer whatever
   happens, after every process group it started was SIGKILLed;
 - a *tap*: a queue declared with the curator's credentials (which the topology already allows: configure,
@@ -14,8 +14,8 @@ Each test builds one or more :class:`Federation` objects with the ``federation``
   the global model the curator announced in each round (the only way to know the model a past round
   evaluated: the checkpoint keeps only the newest weights) and capture real messages to replay later.
 
-Processes are started as ``python -m tessera.cli curator|participant``, configured only through
-``TESSERA_*`` variables built from nested settings dicts (``tessera.demo.environment``), each in its own
+Processes are started as ``python -m tessera.apps.cli curator|participant``, configured only through
+``TESSERA_*`` variables built from nested settings dicts (``tessera.apps.demo.environment``), each in its own
 process group, with stderr (JSON logs) in ``<tmp>/logs/<name>.<run>.log``. When a test fails, the tails of
 all logs are printed.
 
@@ -83,7 +83,7 @@ def _breast_cancer() -> tuple[list[str], np.ndarray, np.ndarray]:
 
 def write_organisation_data(directory: Path, organisations: list[str]) -> tuple[dict[str, Path], Path]:
     """Split the 569 breast-cancer records unevenly across ``organisations``; one CSV per organisation and
-    the agreed feature encoding (mean/std of the public data set), as ``tessera.demo`` does."""
+    the agreed feature encoding (mean/std of the public data set), as ``tessera.apps.demo`` does."""
     from tessera.data import FeatureEncoding, NumericFeature
 
     names, x, target = _breast_cancer()
@@ -438,7 +438,7 @@ class Federation:
     # --- processes --------------------------------------------------------------------------------------------
 
     def _spawn(self, name: str, role: str, settings: dict[str, Any]) -> Process:
-        from tessera.demo import environment
+        from tessera.apps.demo import environment
 
         run = sum(1 for p in self.processes if p.name == name) + 1
         log = self.logs / f"{name}.{run}.log"
@@ -446,7 +446,7 @@ class Federation:
         env = {**base, **environment(settings), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         with log.open("wb") as stderr:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "tessera.cli", role],
+                [sys.executable, "-m", "tessera.apps.cli", role],
                 env=env,
                 cwd=self.root,
                 stdin=subprocess.DEVNULL,
@@ -594,8 +594,8 @@ class Federation:
         """Σ over ``organisations`` of the counts of the model with ``weights`` on their validation splits."""
         import torch
         from tessera.evaluation import EvalCounts
+        from tessera.inference import evaluate
         from tessera.models import ModelSpec, build_model, load_flat_parameters
-        from tessera.participant.training import evaluate
 
         torch.set_num_threads(1)
         model = build_model(ModelSpec(**self.curator_settings["model"]))

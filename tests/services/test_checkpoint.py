@@ -19,14 +19,23 @@ import sys
 from pathlib import Path
 import numpy as np
 from tessera.curator import checkpoint
+from tessera.curator.records import Evaluation, RoundRecord
 state_dir = Path(sys.argv[1])
+
+def record(r):
+    return RoundRecord(
+        round=r, attempt=0, participants=("a", "b", "c"), invited=("a", "b", "c"), phases={}, total_weight=3,
+        evaluation=Evaluation(accuracy=None, loss=None, evaluated_examples=0), clipped_fraction=0.0,
+        epsilon_mean=None, non_private_participants=3,
+    )
+
 i = 0
 while True:
     i += 1
     state = checkpoint.CuratorState(
         federation="f", model={"name": "mlp"}, model_fingerprint="0" * 64,
         weights=np.full(200_000, i, dtype=np.float32), rounds_completed=i,
-        history=[{"round": r} for r in range(1, i + 1)],
+        history=[record(r) for r in range(1, i + 1)],
     )
     checkpoint.save(state_dir, state)
     print(i, flush=True)
@@ -51,7 +60,7 @@ def test_killed_at_random_points_the_checkpoint_is_always_whole(tmp_path: Path) 
         assert i >= 1
         # Model and history come from the same write: never one round's weights with another's history.
         assert np.all(state.weights == i)
-        assert [r["round"] for r in state.history] == list(range(1, i + 1))
+        assert [r.round for r in state.history] == list(range(1, i + 1))
 
 
 def test_a_damaged_checkpoint_is_an_error_that_says_what_to_do(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from tessera.roster import RosterFile, create_federation, load_identity_key, wri
 def _tessera(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
     return subprocess.run(
-        [sys.executable, "-m", "tessera.cli", *args],
+        [sys.executable, "-m", "tessera.apps.cli", *args],
         capture_output=True,
         text=True,
         env={**clean, **(env or {})},

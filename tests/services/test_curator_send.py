@@ -10,6 +10,7 @@ from tessera.bus import LocalExchange
 from tessera.curator.rounds import Curator
 from tessera.curator.settings import CuratorSettings
 from tessera.models import ModelSpec
+from tessera.observability import CuratorMetricsSink
 from tessera.roster import RosterFile, create_federation
 from tessera.secagg.config import SessionIds
 from tessera.secagg.curator import Outgoing
@@ -48,17 +49,12 @@ class RecordingBus:
         return self.inner.reject(delivery, reason)
 
 
-class Counter:
+class Metrics(CuratorMetricsSink):
     def __init__(self) -> None:
-        self.value = 0
+        self.sent = 0
 
-    def inc(self, amount: int = 1) -> None:
-        self.value += amount
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.bytes_sent, self.bytes_received = Counter(), Counter()
+    def bytes_sent(self, count: int) -> None:
+        self.sent += count
 
 
 def test_one_bus_call_per_message_and_bytes_counted_per_recipient(tmp_path: Path):
@@ -78,7 +74,7 @@ def test_one_bus_call_per_message_and_bytes_counted_per_recipient(tmp_path: Path
     ids = SessionIds(federation="local", round=1, aggregation="r1a0-00000000")
     index = {o: roster.index_of(o) for o in ORGS}
     everyone = tuple(sorted(index.values()))
-    curator._send(
+    curator.aggregation._send(
         [
             Outgoing(everyone, SurvivorList(ids=ids, survivors=everyone)),
             Outgoing((index["b"],), Abort(ids=ids, reason="only b")),
@@ -102,4 +98,4 @@ def test_one_bus_call_per_message_and_bytes_counted_per_recipient(tmp_path: Path
         "b": ["SurvivorList", "Abort"],
         "c": ["SurvivorList"],
     }
-    assert metrics.bytes_sent.value == sizes  # bytes delivered, counted once per recipient
+    assert metrics.sent == sizes  # bytes delivered, counted once per recipient

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tessera import demo
+from tessera.apps import demo
 
 
 def test_demo_in_process_trains_and_reports(tmp_path: Path, capsys) -> None:

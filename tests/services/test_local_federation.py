@@ -10,14 +10,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tessera.apps.local_federation import run_local_federation
 from tessera.curator import checkpoint
 from tessera.curator.settings import CuratorSettings
 from tessera.data import ArrayDataset, train_validation_split
 from tessera.evaluation import EvalCounts
-from tessera.local_federation import run_local_federation
+from tessera.inference import evaluate
 from tessera.models import ModelSpec, build_model, load_flat_parameters
 from tessera.participant.settings import ParticipantSettings
-from tessera.participant.training import evaluate
 from tessera.roster import create_federation
 
 MODEL = ModelSpec(name="mlp", kwargs={"input_dim": 6, "hidden": [8], "num_classes": 2})
@@ -86,23 +86,23 @@ def test_secure_averaged_metrics_equal_direct_evaluation_and_resume(tmp_path: Pa
     first = run_local_federation(curator, participants, datasets)
     assert first.state.rounds_completed == 2 and not first.errors
     weights_after_2 = checkpoint.load(tmp_path / "curator").weights  # type: ignore[union-attr]
-    epsilons = [r["epsilon_mean"] for r in first.state.history]
+    epsilons = [r.epsilon_mean for r in first.state.history]
 
     # Resume with a higher round limit: round 3 evaluates exactly the model saved after round 2.
     curator, participants = _settings(tmp_path, orgs, rounds=3)
     second = run_local_federation(curator, participants, datasets)
     state = second.state
-    assert [r["round"] for r in state.history] == [1, 2, 3]
+    assert [r.round for r in state.history] == [1, 2, 3]
     assert state.restarts == 1
     record = state.history[-1]
     expected = _direct(weights_after_2, datasets, orgs)
-    assert record["evaluated_examples"] == expected.total
-    assert record["accuracy"] == pytest.approx(expected.correct / expected.total, abs=0)
-    assert np.array_equal(np.array(record["confusion"]), expected.confusion)
-    assert record["total_weight"] == sum(len(datasets[o][0]) for o in orgs)
+    assert record.evaluation.evaluated_examples == expected.total
+    assert record.accuracy == pytest.approx(expected.correct / expected.total, abs=0)
+    assert np.array_equal(np.array(record.evaluation.confusion), expected.confusion)
+    assert record.total_weight == sum(len(datasets[o][0]) for o in orgs)
     # Every participant's epsilon went on accumulating across the restart.
-    assert epsilons[0] < epsilons[1] < record["epsilon_mean"]
-    assert record["non_private_participants"] == 0
+    assert epsilons[0] < epsilons[1] < record.epsilon_mean
+    assert record.non_private_participants == 0
 
 
 def test_budget_exhaustion_makes_participants_leave_and_training_stop(tmp_path: Path) -> None:
@@ -114,7 +114,7 @@ def test_budget_exhaustion_makes_participants_leave_and_training_stop(tmp_path: 
     assert result.state.rounds_completed == 2
     assert "participants left" in result.state.stop_reason
     assert set(result.participant_exits.values()) == {"budget_exhausted"}
-    assert result.state.history[-1]["epsilon_mean"] <= 2.0 + 1e-9
+    assert result.state.history[-1].epsilon_mean <= 2.0 + 1e-9
 
 
 def test_a_participant_refusing_the_model_leaves_and_the_others_go_on(tmp_path: Path) -> None:
@@ -124,7 +124,7 @@ def test_a_participant_refusing_the_model_leaves_and_the_others_go_on(tmp_path: 
     result = run_local_federation(curator, participants, _datasets(orgs))
     assert result.participant_exits["org-d"] == "model_refused"
     assert result.state.rounds_completed == 2
-    assert all("org-d" not in r["participants"] for r in result.state.history)
+    assert all("org-d" not in r.participants for r in result.state.history)
 
 
 def test_non_private_training_is_counted_in_the_clear_report(tmp_path: Path) -> None:
@@ -132,7 +132,7 @@ def test_non_private_training_is_counted_in_the_clear_report(tmp_path: Path) -> 
     plan = {"enabled": False, "batch_size": 16, "lr": 0.3}
     curator, participants = _settings(tmp_path, orgs, rounds=1, privacies={"org-c": plan})
     result = run_local_federation(curator, participants, _datasets(orgs))
-    assert result.state.history[0]["non_private_participants"] == 1
+    assert result.state.history[0].non_private_participants == 1
 
 
 def test_a_silent_participant_costs_the_training_timeout_once_then_only_the_rejoin_wait(
@@ -147,8 +147,8 @@ def test_a_silent_participant_costs_the_training_timeout_once_then_only_the_rejo
     del participants["org-d"]
     result = run_local_federation(curator, participants, _datasets(orgs))
     history = result.state.history
-    assert [r["participants"] for r in history] == [orgs[:3]] * 3
-    training = [r["seconds"]["training"] for r in history]
+    assert [list(r.participants) for r in history] == [orgs[:3]] * 3
+    training = [r.seconds["training"] for r in history]
     assert training[0] >= 6.0
     assert all(seconds < 6.0 for seconds in training[1:]), training
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import numpy as np
 
@@ -81,15 +80,6 @@ class CuratorPhase(enum.Enum):
     ABORTED = "aborted"
 
 
-_EXPECTED: dict[CuratorPhase, type] = {
-    CuratorPhase.ADVERTISE: AdvertiseKeys,
-    CuratorPhase.SHARE: EncryptedShares,
-    CuratorPhase.MASKED_INPUT: MaskedInput,
-    CuratorPhase.CONSISTENCY: ConsistencySignature,
-    CuratorPhase.UNMASK: UnmaskShares,
-}
-
-
 @dataclass(frozen=True, kw_only=True)
 class PhaseTimeouts:
     """Seconds each phase waits for stragglers before closing with whoever answered."""
@@ -101,7 +91,7 @@ class PhaseTimeouts:
     unmask: float = 30.0
 
     def for_phase(self, phase: CuratorPhase) -> float:
-        return float(getattr(self, phase.value))
+        return _PHASES[phase].deadline(self)
 
 
 @dataclass(frozen=True)
@@ -149,14 +139,15 @@ class CuratorSession:
         self._adverts: dict[int, AdvertiseKeys] = {}
         self._neighbours: dict[int, frozenset[int]] = {}
         self._ciphertexts: dict[int, tuple[EncryptedShare, ...]] = {}
-        self._masked_from: set[int] = set()
         self._total: RingVector = np.zeros(config.vector_length, dtype=ring_dtype(config.ring_bits))
         self._survivors: tuple[int, ...] = ()
         self._signatures: dict[int, bytes] = {}
         self._requested: dict[int, tuple[frozenset[int], frozenset[int]]] = {}
         self._seed_shares: dict[int, dict[int, int]] = {}  # owner -> holder -> share of b_owner
         self._key_shares: dict[int, dict[int, int]] = {}  # owner -> holder -> share of s_owner
-        self._responded: set[int] = set()
+        # Who the open phase waits for, fixed when it opens, and who has answered it so far.
+        self._expected: frozenset[int] = frozenset(config.participants)
+        self._answered: set[int] = set()
         self.phase_log: dict[CuratorPhase, tuple[frozenset[int], frozenset[int]]] = {}
         """For each closed phase: (who was expected, who answered) -- dropouts per phase for logs/metrics."""
 
@@ -176,28 +167,11 @@ class CuratorSession:
 
     def expected_senders(self) -> frozenset[int]:
         """Who the current phase is waiting for."""
-        if self.phase is CuratorPhase.ADVERTISE:
-            return frozenset(self.config.participants)
-        if self.phase is CuratorPhase.SHARE:
-            return frozenset(self._adverts)
-        if self.phase is CuratorPhase.MASKED_INPUT:
-            return frozenset(self._ciphertexts)
-        if self.phase is CuratorPhase.CONSISTENCY:
-            return frozenset(self._survivors)
-        if self.phase is CuratorPhase.UNMASK:
-            return frozenset(self._requested)
-        return frozenset()
+        return self._expected if not self.finished else frozenset()
 
     def received_from(self) -> frozenset[int]:
         """Who has answered in the current phase."""
-        answered: dict[CuratorPhase, Callable[[], frozenset[int]]] = {
-            CuratorPhase.ADVERTISE: lambda: frozenset(self._adverts),
-            CuratorPhase.SHARE: lambda: frozenset(self._ciphertexts),
-            CuratorPhase.MASKED_INPUT: lambda: frozenset(self._masked_from),
-            CuratorPhase.CONSISTENCY: lambda: frozenset(self._signatures),
-            CuratorPhase.UNMASK: lambda: frozenset(self._responded),
-        }
-        return answered[self.phase]() if self.phase in answered else frozenset()
+        return frozenset(self._answered) if not self.finished else frozenset()
 
     def receive(self, sender: int, message: ParticipantMessage, now: float) -> list[Outgoing]:
         """Take one message from authenticated participant ``sender``; raises ProtocolError if it does not fit."""
@@ -211,17 +185,18 @@ class CuratorSession:
             raise ProtocolError(f"message is for {message.ids}, not {self.config.ids}", sender=sender)
         if self.finished:
             raise ProtocolError(f"aggregation is already {self.phase.value}", sender=sender)
-        expected_type = _EXPECTED[self.phase]
-        if not isinstance(message, expected_type):
+        rule = _PHASES[self.phase]
+        if not isinstance(message, rule.accepts):
             raise ProtocolError(
                 f"{type(message).__name__} is not accepted in phase {self.phase.value}", sender=sender
             )
-        if sender not in self.expected_senders():
+        if sender not in self._expected:
             raise ProtocolError(f"not a participant of phase {self.phase.value}", sender=sender)
-        if sender in self.received_from():
+        if sender in self._answered:
             raise ProtocolError(f"duplicate {type(message).__name__}", sender=sender)
-        self._HANDLERS[self.phase](self, sender, message)
-        if self.received_from() >= self.expected_senders():
+        rule.handle(self, sender, message)
+        self._answered.add(sender)
+        if self._answered >= self._expected:
             return self._close_phase(now)
         return []
 
@@ -271,7 +246,6 @@ class CuratorSession:
                 sender=sender,
             )
         np.add(self._total, vector, out=self._total)
-        self._masked_from.add(sender)
 
     def _on_consistency(self, sender: int, message: ConsistencySignature) -> None:
         if len(message.signature) != SIGNATURE_BYTES:
@@ -303,44 +277,29 @@ class CuratorSession:
             self._seed_shares.setdefault(owner, {})[sender] = value
         for owner, value in keys.items():
             self._key_shares.setdefault(owner, {})[sender] = value
-        self._responded.add(sender)
-
-    _HANDLERS: ClassVar[dict[CuratorPhase, Callable[[CuratorSession, int, ParticipantMessage], None]]] = {
-        CuratorPhase.ADVERTISE: _on_advertise,  # type: ignore[dict-item]
-        CuratorPhase.SHARE: _on_share,  # type: ignore[dict-item]
-        CuratorPhase.MASKED_INPUT: _on_masked,  # type: ignore[dict-item]
-        CuratorPhase.CONSISTENCY: _on_consistency,  # type: ignore[dict-item]
-        CuratorPhase.UNMASK: _on_unmask,  # type: ignore[dict-item]
-    }
 
     # --- phase transitions ------------------------------------------------------------------------------------
 
     def _close_phase(self, now: float) -> list[Outgoing]:
-        answered = self.received_from()
-        self.phase_log[self.phase] = (self.expected_senders(), answered)
+        closing = self.phase
+        answered = frozenset(self._answered)
+        self.phase_log[closing] = (self._expected, answered)
         if len(answered) < self.config.threshold:
             return self._abort(
-                f"phase {self.phase.value}: {len(answered)} participants answered, threshold is {self.config.threshold}"
+                f"phase {closing.value}: {len(answered)} participants answered, threshold is {self.config.threshold}"
             )
-        closing = self.phase
-        if closing is CuratorPhase.ADVERTISE:
-            out = self._after_advertise()
-        elif closing is CuratorPhase.SHARE:
-            out = self._after_share()
-        elif closing is CuratorPhase.MASKED_INPUT:
-            out = self._after_masked()
-        elif closing is CuratorPhase.CONSISTENCY:
-            out = self._after_consistency()
-        else:
-            return self._after_unmask()
-        if not self.finished:
-            self.next_deadline = now + self._timeouts.for_phase(self.phase)
+        rule = _PHASES[closing]
+        out = rule.close(self)
+        if self.finished:  # the last phase completed the sum, or its reconstruction failed
+            return out
+        # Who answered one phase is whom the next waits for: U1, U2, U3, the signers.
+        self.phase, self._expected, self._answered = rule.then, answered, set()
+        self.next_deadline = now + _PHASES[self.phase].deadline(self._timeouts)
         return out
 
     def _after_advertise(self) -> list[Outgoing]:
         self._neighbours = neighbourhoods(self.config, self._adverts)
         adverts = tuple(self._adverts[u] for u in sorted(self._adverts))
-        self.phase = CuratorPhase.SHARE
         return [
             Outgoing(
                 tuple(sorted(self._adverts)), AdvertisedKeys(ids=self.config.ids, advertisements=adverts)
@@ -353,15 +312,13 @@ class CuratorSession:
             for item in self._ciphertexts[u]:
                 if item.peer in inbox:
                     inbox[item.peer].append(EncryptedShare(peer=u, ciphertext=item.ciphertext))
-        self.phase = CuratorPhase.MASKED_INPUT
         return [
             Outgoing((v,), ForwardedShares(ids=self.config.ids, shares=tuple(items)))
             for v, items in inbox.items()
         ]
 
     def _after_masked(self) -> list[Outgoing]:
-        self._survivors = tuple(sorted(self._masked_from))
-        self.phase = CuratorPhase.CONSISTENCY
+        self._survivors = tuple(sorted(self._answered))
         return [Outgoing(self._survivors, SurvivorList(ids=self.config.ids, survivors=self._survivors))]
 
     def _after_consistency(self) -> list[Outgoing]:
@@ -378,7 +335,6 @@ class CuratorSession:
             keys = frozenset(owners - survivors)
             self._requested[v] = (seeds, keys)
             holders.setdefault((seeds, keys), []).append(v)
-        self.phase = CuratorPhase.UNMASK
         # Holders asked for the same shares get one message (with the full graph, that is everybody).
         return [
             Outgoing(
@@ -436,7 +392,7 @@ class CuratorSession:
             shared=frozenset(self._ciphertexts),
             survivors=frozenset(self._survivors),
             signed=frozenset(self._signatures),
-            responded=frozenset(self._responded),
+            responded=frozenset(self._answered),
             bad_share_senders=frozenset(suspects),
         )
         self.phase = CuratorPhase.DONE
@@ -455,6 +411,59 @@ class CuratorSession:
     @property
     def neighbours(self) -> Mapping[int, frozenset[int]]:
         return self._neighbours
+
+
+@dataclass(frozen=True)
+class _PhaseRule:
+    """One row of the phase table: the message a phase accepts, how it stores one, how long it waits, what
+    it sends when it closes with at least ``threshold`` answers, and the phase after it."""
+
+    accepts: type
+    handle: Callable[[CuratorSession, int, ParticipantMessage], None]
+    deadline: Callable[[PhaseTimeouts], float]
+    close: Callable[[CuratorSession], list[Outgoing]]
+    then: CuratorPhase
+
+
+# The protocol's phase order, once (SECAGG.md; the module docstring draws the same table). Handlers are typed
+# for their own message; the rule's ``accepts`` guarantees they only ever get it, hence the ignores.
+_PHASES: dict[CuratorPhase, _PhaseRule] = {
+    CuratorPhase.ADVERTISE: _PhaseRule(
+        AdvertiseKeys,
+        CuratorSession._on_advertise,  # type: ignore[arg-type]
+        lambda t: t.advertise,
+        CuratorSession._after_advertise,
+        CuratorPhase.SHARE,
+    ),
+    CuratorPhase.SHARE: _PhaseRule(
+        EncryptedShares,
+        CuratorSession._on_share,  # type: ignore[arg-type]
+        lambda t: t.share,
+        CuratorSession._after_share,
+        CuratorPhase.MASKED_INPUT,
+    ),
+    CuratorPhase.MASKED_INPUT: _PhaseRule(
+        MaskedInput,
+        CuratorSession._on_masked,  # type: ignore[arg-type]
+        lambda t: t.masked_input,
+        CuratorSession._after_masked,
+        CuratorPhase.CONSISTENCY,
+    ),
+    CuratorPhase.CONSISTENCY: _PhaseRule(
+        ConsistencySignature,
+        CuratorSession._on_consistency,  # type: ignore[arg-type]
+        lambda t: t.consistency,
+        CuratorSession._after_consistency,
+        CuratorPhase.UNMASK,
+    ),
+    CuratorPhase.UNMASK: _PhaseRule(
+        UnmaskShares,
+        CuratorSession._on_unmask,  # type: ignore[arg-type]
+        lambda t: t.unmask,
+        CuratorSession._after_unmask,
+        CuratorPhase.DONE,
+    ),
+}
 
 
 def _commitment_check(config: AggregationConfig, owner: int, commitment: bytes) -> Callable[[bytes], bool]:

@@ -47,7 +47,6 @@ def say(message: str) -> None:
 def write_hospital_data(out: Path) -> tuple[dict[str, Path], Path, int]:
     """Per-hospital CSV files and the feature encoding every hospital uses; returns (files, encoding, features)."""
     from sklearn.datasets import load_breast_cancer
-
     from tessera.data import FeatureEncoding, NumericFeature
 
     data = load_breast_cancer()
@@ -234,7 +233,7 @@ def run_with_broker(out: Path, curator: dict[str, Any], participants: dict[str, 
     logs.mkdir(exist_ok=True)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
     processes: dict[str, subprocess.Popen[bytes]] = {}
-    command = [sys.executable, "-m", "tessera.cli"]
+    command = [sys.executable, "-m", "tessera.apps.cli"]
     try:
         processes["curator"] = subprocess.Popen(
             [*command, "curator"],
@@ -297,8 +296,8 @@ def run_with_broker(out: Path, curator: dict[str, Any], participants: dict[str, 
 
 
 def run_in_process(out: Path, curator: dict[str, Any], participants: dict[str, dict[str, Any]]) -> int:
+    from tessera.apps.local_federation import run_local_federation
     from tessera.curator.settings import CuratorSettings
-    from tessera.local_federation import run_local_federation
     from tessera.participant.main import load_local_data
     from tessera.participant.settings import ParticipantSettings
     from tessera.settings import LoggingSettings, configure_logging

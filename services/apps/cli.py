@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-
 from tessera.errors import ConfigurationError, TesseraError
 
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import structlog
-
 from tessera.bus import LocalExchange
-from tessera.data import ArrayDataset
+from tessera.curator.checkpoint import CuratorState
+from tessera.curator.rounds import Curator
+from tessera.curator.settings import CuratorSettings
+from tessera.data import ArrayDataset, load_dataset
 from tessera.errors import TesseraError
+from tessera.participant.client import Participant
+from tessera.participant.settings import ParticipantSettings
 from tessera.roster import RosterFile, load_identity_key
 
 log = structlog.get_logger("tessera.local")
@@ -25,14 +28,14 @@ log = structlog.get_logger("tessera.local")
 
 @dataclass
 class LocalFederationResult:
-    state: Any  # tessera.curator.checkpoint.CuratorState
+    state: CuratorState
     participant_exits: dict[str, str] = field(default_factory=dict)
     errors: dict[str, BaseException] = field(default_factory=dict)
 
 
 def run_local_federation(
-    curator_settings: Any,
-    participant_settings: dict[str, Any],
+    curator_settings: CuratorSettings,
+    participant_settings: dict[str, ParticipantSettings],
     datasets: dict[str, tuple[ArrayDataset, ArrayDataset]],
     *,
     curator_validation: ArrayDataset | None = None,
@@ -43,12 +46,8 @@ def run_local_federation(
     ``datasets`` maps each organisation to its (train, validation) split. Identity keys are read from each
     participant's ``identity_key_file`` (or ``key_dir/<org>.key``).
     """
-    from tessera.curator.rounds import Curator
-    from tessera.participant.client import Participant
-
     roster = RosterFile.load(curator_settings.roster_file)
     exchange = LocalExchange(roster.organisations, curator=roster.curator_user)
-    result = LocalFederationResult(state=None)
     participants = []
     for organisation, settings in participant_settings.items():
         key_file = settings.identity_key_file if key_dir is None else key_dir / f"{organisation}.key"
@@ -64,19 +63,19 @@ def run_local_federation(
             )
         )
     if curator_validation is None and curator_settings.validation is not None:
-        from tessera.data import load_dataset
-
         v = curator_settings.validation
         curator_validation = load_dataset(v.path, label_column=v.label_column, labels_path=v.labels_path)
     curator = Curator(curator_settings, roster, exchange.curator_endpoint(), validation=curator_validation)
+    exits: dict[str, str] = {}
+    errors: dict[str, BaseException] = {}
 
-    def participate(p: Any) -> None:
+    def participate(p: Participant) -> None:
         organisation = p.settings.organisation
         try:
-            result.participant_exits[organisation] = p.run().value
+            exits[organisation] = p.run().value
         except (TesseraError, OSError, TimeoutError) as exc:
             log.error("participant_failed", organisation=organisation, error=str(exc))
-            result.errors[organisation] = exc
+            errors[organisation] = exc
 
     threads = [
         threading.Thread(target=participate, args=(p,), daemon=True, name=p.settings.organisation)
@@ -84,10 +83,10 @@ def run_local_federation(
     ]
     for thread in threads:
         thread.start()
-    result.state = curator.run()
+    state = curator.run()
     for thread in threads:
         thread.join(timeout=60)
-    return result
+    return LocalFederationResult(state=state, participant_exits=exits, errors=errors)
 
 
 __all__ = ["LocalFederationResult", "run_local_federation"]
