@@ -108,6 +108,7 @@ def run_federation(
     rounds: int,
     secagg: dict[str, Any],
     privacy: dict[str, Any],
+    roster: dict[str, Any] | None = None,
     data: Mapping[str, dict[str, Any]],
     curator_validation: Any = None,
     validation_settings: dict[str, Any] | None = None,
@@ -117,6 +118,8 @@ def run_federation(
 ) -> tuple[dict[str, Any], float]:
     """Run the federation to its end; returns (the curator's final report document, wall seconds).
 
+    ``secagg`` holds the curator's secure-aggregation settings, ``roster`` the roster's parameters (the layout:
+    ``{"layout": {"clip": ..., "ring_bits": ...}}``, the threshold, the privacy mode).
     ``privacy`` is the participants' ``privacy`` settings (the same for every organisation); ``data`` maps each
     organisation to its ``data`` settings, which document where its data is and how it is read: the datasets
     themselves are handed over in memory, already loaded that way.
@@ -124,13 +127,18 @@ def run_federation(
     from tessera.apps.local_federation import run_local_federation
     from tessera.curator.settings import CuratorSettings
     from tessera.participant.settings import ParticipantSettings
-    from tessera.roster import create_federation
+    from tessera.roster import FederationParameters, create_demo_federation
     from tessera.settings import LoggingSettings, configure_logging
 
     configure_logging(LoggingSettings(level="error"))
     with tempfile.TemporaryDirectory(prefix=f"tessera-bench-{federation}-") as tmp:
         work = Path(tmp)
-        create_federation(federation, organisations, work / "federation")
+        fingerprint = create_demo_federation(
+            federation,
+            organisations,
+            work / "federation",
+            parameters=FederationParameters.model_validate(roster or {}),
+        ).fingerprint()
         common: dict[str, Any] = {
             "federation": federation,
             "roster_file": str(work / "federation" / "roster.json"),
@@ -150,11 +158,13 @@ def run_federation(
             },
             secagg=secagg,
             validation=validation_settings,
+            roster_fingerprint=fingerprint,
         )
         participants = {
             o: ParticipantSettings(
                 **common,
                 organisation=o,
+                roster_fingerprint=fingerprint,
                 identity_key_file=str(work / "federation" / "keys" / f"{o}.key"),
                 state_dir=str(work / "participants" / o),
                 data=data[o],

@@ -409,6 +409,7 @@ class Harness:
             model=ModelSpec(name="mlp", kwargs={"synthetic_parameters": self.params}),
             model_fingerprint="0" * 64,
             layout=protocol.LayoutHeader.of(self._layout),
+            roster_fingerprint="0" * 64,  # synthetic participants check nothing but the layout
         )
         t0 = time.perf_counter()
         body = protocol.encode(announcement, protocol.weights_to_bytes(self.weights))

@@ -26,6 +26,7 @@ ANNOUNCEMENT = protocol.RoundAnnouncement(
     model=ModelSpec(name="mlp", kwargs={"input_dim": 2, "num_classes": 2}),
     model_fingerprint="0" * 64,
     layout=protocol.LayoutHeader.of(LAYOUT),
+    roster_fingerprint="1" * 64,
 )
 WEIGHTS = np.arange(6, dtype=np.float32)
 

@@ -208,11 +208,11 @@ def kind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kind]:
 
 def test_federation_survives_a_participant_pod_deleted_mid_round(kind: Kind, tmp_path: Path) -> None:
     from tessera.apps.demo import write_hospital_data
-    from tessera.roster import create_federation
+    from tessera.roster import create_demo_federation
 
     # --- the coordinator ------------------------------------------------------------------------------------
     coordinator = tmp_path / "coordinator"
-    create_federation("kind-e2e", list(COMPANIES), coordinator)
+    create_demo_federation("kind-e2e", list(COMPANIES), coordinator)
     roster = coordinator / "roster.json"
     kind.namespace("tessera", {"tessera.io/role": "coordinator"})
     kind.helm(

@@ -207,7 +207,7 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     if reason:
         pytest.skip(f"needs a local RabbitMQ administered with rabbitmqctl ({reason}; `make broker`)")
     from tessera.apps.demo import write_hospital_data
-    from tessera.roster import create_federation
+    from tessera.roster import create_demo_federation
     from tessera.transport import deprovision, generate_password
 
     started = time.monotonic()
@@ -221,7 +221,7 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
 
     # --- the coordinator: federation, broker release, provisioning ---------------------------------------
     coordinator = root / "coordinator"
-    create_federation(federation, list(orgs.values()), coordinator, curator_user=curator_user)
+    create_demo_federation(federation, list(orgs.values()), coordinator, curator_user=curator_user)
     roster_file = coordinator / "roster.json"
     org_sets = [x for i, org in enumerate(orgs.values()) for x in ("--set", f"organisations[{i}].id={org}")]
     cluster.add_secret("tessera", "initech-broker-password", {"amqp-password": generate_password()})

@@ -2,9 +2,12 @@
 
     tessera curator [--env-file FILE]          run the curator (settings from TESSERA_* variables)
     tessera participant [--env-file FILE]      run one organisation's participant
-    tessera roster init --federation ID --organisations a,b,c --out DIR
-                                               create identity keys and the roster of a new federation
-    tessera roster show ROSTER                 print a roster's members
+    tessera identity init --key FILE           (at a company) create its identity key; print the public key
+    tessera identity show --key FILE           print an identity key's public key and fingerprint
+    tessera roster build --federation ID --member ORG=KEY ... --out FILE
+                                               (at the coordinator) the roster from public keys only
+    tessera roster init-demo ...               DEMOS AND TESTS ONLY: all keys and the roster in one place
+    tessera roster show ROSTER                 print a roster's members and fingerprint
     tessera broker provision --roster ROSTER --passwords-out FILE
                                                create the vhost, users, permissions on a local RabbitMQ
     tessera settings curator|participant       list every setting with its variable and description
@@ -38,25 +41,144 @@ def _participant(args: argparse.Namespace) -> int:
     return int(run_participant(load_participant_settings(args.env_file)))
 
 
-def _roster_init(args: argparse.Namespace) -> int:
-    from tessera.roster import create_federation
+def _identity_init(args: argparse.Namespace) -> int:
+    from tessera.crypto import key_fingerprint
+    from tessera.roster import create_identity
+
+    key, created = create_identity(Path(args.key), if_missing=args.if_missing)
+    public = key.public_bytes
+    if args.public_out is not None:
+        from tessera.storage import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.public_out), (public.hex() + "\n").encode())
+    what = "created" if created else "already exists (kept)"
+    print(f"identity key {args.key} {what}; the private key stays on this machine (mode 0600).")
+    print(f"public key:  {public.hex()}")
+    print(f"fingerprint: {key_fingerprint(public)}")
+    print("Send the public key to the federation's coordinator; read the fingerprint to them out of band.")
+    return 0
+
+
+def _identity_show(args: argparse.Namespace) -> int:
+    from tessera.crypto import key_fingerprint
+    from tessera.roster import load_identity_key
+
+    public = load_identity_key(Path(args.key)).public_bytes
+    print(f"public key:  {public.hex()}")
+    print(f"fingerprint: {key_fingerprint(public)}")
+    return 0
+
+
+def _public_key(text: str) -> bytes:
+    """A member's public key: 64 hex digits, or a file holding them."""
+    from tessera.errors import ConfigurationError
+
+    candidate = text.strip()
+    path = Path(candidate)
+    if len(candidate) != 64 and path.exists():
+        candidate = path.read_text().strip()
+    try:
+        raw = bytes.fromhex(candidate)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise ConfigurationError(f"{text!r} is neither 64 hex digits nor a file holding them")
+    return raw
+
+
+def _roster_build(args: argparse.Namespace) -> int:
+    from tessera.crypto import key_fingerprint
+    from tessera.errors import ConfigurationError
+    from tessera.roster import FederationParameters, LayoutParameters, PrivacyParameters, build_roster
+
+    keys: dict[str, bytes] = {}
+    for item in args.member:
+        organisation, sep, key = item.partition("=")
+        if not sep or not organisation or not key:
+            raise ConfigurationError(
+                f"--member {item!r}: write ORGANISATION=PUBLIC_KEY (64 hex digits or a file)"
+            )
+        if organisation in keys:
+            raise ConfigurationError(f"--member {organisation!r} is given twice")
+        keys[organisation] = _public_key(key)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ConfigurationError(
+            f"{out} already exists; pass --force to replace it (every company must re-pin)"
+        )
+    try:
+        parameters = FederationParameters(
+            min_participants=args.min_participants,
+            threshold_fraction=args.threshold_fraction,
+            graph=args.graph,
+            neighbours=args.neighbours,
+            layout=LayoutParameters(
+                ring_bits=args.ring_bits,
+                clip=args.clip,
+                value_bits=args.value_bits,
+                max_weight=args.max_weight,
+            ),
+            privacy=PrivacyParameters(mode=args.privacy_mode),
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"roster parameters: {exc}") from exc
+    roster = build_roster(args.federation, keys, parameters=parameters, curator_user=args.curator_user)
+    roster.save(out)
+    print(f"federation {roster.federation}: roster of {len(roster.members)} members written to {out}")
+    for member in roster.members:
+        print(
+            f"  {member.index:>3}  {member.organisation:<32} key fingerprint "
+            f"{key_fingerprint(bytes.fromhex(member.identity_key))}"
+        )
+    _print_roster_fingerprint(roster)
+    return 0
+
+
+def _print_roster_fingerprint(roster: Any) -> None:
+    from tessera.roster import display_fingerprint
+
+    print(f"roster fingerprint: {roster.fingerprint()}")
+    print(f"  (to read out:     {display_fingerprint(roster.fingerprint())})")
+    print("Every company checks its own key fingerprint above and pins the roster fingerprint")
+    print("(TESSERA_ROSTER_FINGERPRINT, chart value roster.fingerprint) after comparing it out of band.")
+
+
+def _roster_init_demo(args: argparse.Namespace) -> int:
+    from tessera.errors import ConfigurationError
+    from tessera.roster import create_demo_federation
 
     organisations = [o.strip() for o in args.organisations.split(",") if o.strip()]
-    roster = create_federation(args.federation, organisations, Path(args.out), curator_user=args.curator_user)
-    print(f"federation {roster.federation}: roster written to {Path(args.out) / 'roster.json'}")
+    if not args.all_keys_in_one_place:
+        raise ConfigurationError(
+            "roster init-demo writes the private keys of every organisation into one directory: whoever holds "
+            "them can act as every organisation, which voids the protection against a malicious curator. It is "
+            "for demos and tests only; pass --all-keys-in-one-place to confirm. In a real federation each "
+            "company runs `tessera identity init` and the coordinator `tessera roster build`"
+        )
+    roster = create_demo_federation(
+        args.federation, organisations, Path(args.out), curator_user=args.curator_user
+    )
+    print(f"DEMO federation {roster.federation}: roster written to {Path(args.out) / 'roster.json'}")
     for member in roster.members:
         key = Path(args.out) / "keys" / f"{member.organisation}.key"
-        print(f"  {member.index:>3}  {member.organisation:<32} identity key (give only to them): {key}")
+        print(f"  {member.index:>3}  {member.organisation:<32} private identity key (demo only): {key}")
+    _print_roster_fingerprint(roster)
     return 0
 
 
 def _roster_show(args: argparse.Namespace) -> int:
+    from tessera.crypto import key_fingerprint
     from tessera.roster import RosterFile
 
     roster = RosterFile.load(Path(args.roster))
     print(f"federation {roster.federation} (curator user {roster.curator_user!r})")
     for member in roster.members:
-        print(f"  {member.index:>3}  {member.organisation:<32} {member.identity_key}")
+        key = bytes.fromhex(member.identity_key)
+        print(
+            f"  {member.index:>3}  {member.organisation:<32} {member.identity_key}  ({key_fingerprint(key)})"
+        )
+    print(f"parameters: {roster.parameters.model_dump_json()}")
+    _print_roster_fingerprint(roster)
     return 0
 
 
@@ -133,16 +255,61 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.set_defaults(handler=handler)
 
-    roster = commands.add_parser("roster", help="create or inspect a federation's roster").add_subparsers(
+    identity = commands.add_parser(
+        "identity", help="this organisation's identity key (made where the participant runs)"
+    ).add_subparsers(dest="identity_command", required=True)
+    ident_init = identity.add_parser("init", help="create the identity key (0600) and print its public half")
+    ident_init.add_argument("--key", required=True, help="file for the private key (refused if it exists)")
+    ident_init.add_argument(
+        "--if-missing", action="store_true", help="keep an existing key instead of failing"
+    )
+    ident_init.add_argument("--public-out", default=None, help="also write the public key (hex) to this file")
+    ident_init.set_defaults(handler=_identity_init)
+    ident_show = identity.add_parser("show", help="print the public key and fingerprint of an identity key")
+    ident_show.add_argument("--key", required=True)
+    ident_show.set_defaults(handler=_identity_show)
+
+    roster = commands.add_parser("roster", help="build or inspect a federation's roster").add_subparsers(
         dest="roster_command", required=True
     )
-    init = roster.add_parser("init", help="create identity keys and a roster")
-    init.add_argument("--federation", required=True)
-    init.add_argument("--organisations", required=True, help="comma-separated organisation ids")
-    init.add_argument("--out", required=True, help="directory for roster.json and keys/")
-    init.add_argument("--curator-user", default="curator")
-    init.set_defaults(handler=_roster_init)
-    show = roster.add_parser("show", help="print a roster")
+    build = roster.add_parser(
+        "build", help="the roster from the organisations' public keys (at the coordinator)"
+    )
+    build.add_argument("--federation", required=True)
+    build.add_argument(
+        "--member",
+        action="append",
+        required=True,
+        metavar="ORG=PUBLIC_KEY",
+        help="an organisation and its public key (64 hex digits, or a file holding them); repeat, in roster order",
+    )
+    build.add_argument("--out", required=True, help="the roster file to write")
+    build.add_argument("--force", action="store_true", help="replace an existing roster file")
+    build.add_argument("--curator-user", default="curator")
+    build.add_argument("--min-participants", type=int, default=3)
+    build.add_argument("--threshold-fraction", type=float, default=None)
+    build.add_argument("--graph", choices=["full", "sparse"], default="full")
+    build.add_argument(
+        "--neighbours", type=int, default=None, help="SecAgg+ neighbourhood size (sparse graph)"
+    )
+    build.add_argument("--ring-bits", type=int, choices=[32, 64], default=32)
+    build.add_argument("--clip", type=float, default=0.5, help="update coordinates are clipped to ±clip")
+    build.add_argument("--value-bits", type=int, default=None)
+    build.add_argument("--max-weight", type=int, default=65_535)
+    build.add_argument("--privacy-mode", choices=["local"], default="local")
+    build.set_defaults(handler=_roster_build)
+    demo = roster.add_parser(
+        "init-demo", help="DEMOS AND TESTS ONLY: every organisation's private key and the roster in one place"
+    )
+    demo.add_argument("--federation", required=True)
+    demo.add_argument("--organisations", required=True, help="comma-separated organisation ids")
+    demo.add_argument("--out", required=True, help="directory for roster.json and keys/")
+    demo.add_argument("--curator-user", default="curator")
+    demo.add_argument(
+        "--all-keys-in-one-place", action="store_true", help="confirm that this is a demo or a test"
+    )
+    demo.set_defaults(handler=_roster_init_demo)
+    show = roster.add_parser("show", help="print a roster and its fingerprint")
     show.add_argument("roster")
     show.set_defaults(handler=_roster_show)
 

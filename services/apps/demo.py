@@ -4,7 +4,9 @@ What it does, step by step (everything under ``demo-output/``):
 
 1. Splits scikit-learn's breast-cancer data (569 patients) unevenly across three hospitals (50/30/20 %) and
    writes each hospital's records as its own CSV file.
-2. Creates the federation: identity keys and the roster (``tessera roster init`` does the same).
+2. Creates the federation as a real one is created: each hospital makes its own identity key in its own
+   state directory (``tessera identity init``), and the coordinator builds the roster from their public keys
+   only (``tessera roster build``); every hospital pins the roster's fingerprint.
 3. If a RabbitMQ broker answers on 127.0.0.1:5672 (or ``TESSERA_DEMO_BROKER_URL``) and ``rabbitmqctl`` can
    administer it: creates the vhost ``tessera-demo``, one broker user per hospital and one for the curator,
    with the permissions of ``docs/topology.md``; then starts the curator and three participant *processes*
@@ -81,8 +83,24 @@ def write_hospital_data(out: Path) -> tuple[dict[str, Path], Path, int]:
 # --- configuration ------------------------------------------------------------------------------------------
 
 
+def create_federation(out: Path) -> str:
+    """Each hospital's identity key in its own state directory, the roster from the public keys; returns
+    the roster fingerprint every hospital pins."""
+    from tessera.roster import FederationParameters, LayoutParameters, build_roster, create_identity
+
+    public_keys = {
+        h: create_identity(out / "participants" / h / "identity.key")[0].public_bytes for h in HOSPITALS
+    }
+    roster = build_roster(
+        FEDERATION, public_keys, parameters=FederationParameters(layout=LayoutParameters(clip=1.0))
+    )
+    (out / "federation").mkdir(parents=True, exist_ok=True)
+    roster.save(out / "federation" / "roster.json")
+    return roster.fingerprint()
+
+
 def configurations(
-    out: Path, files: dict[str, Path], encoding: Path, features: int, broker_url: str
+    out: Path, files: dict[str, Path], encoding: Path, features: int, broker_url: str, roster_fingerprint: str
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Curator and participant settings as nested dicts (turned into TESSERA_* variables for processes)."""
     federation_dir = out / "federation"
@@ -98,8 +116,9 @@ def configurations(
     curator = {
         **common,
         "state_dir": str(out / "curator"),
+        "roster_fingerprint": roster_fingerprint,
         "rounds": {"max_rounds": ROUNDS, "min_participants": 3, "training_timeout": 120},
-        "secagg": {"clip": 1.0, "phase_timeout": 30},
+        "secagg": {"phase_timeout": 30},
         "broker": {
             "url": broker_url,
             "username": "curator",
@@ -111,7 +130,8 @@ def configurations(
         participants[hospital] = {
             **common,
             "organisation": hospital,
-            "identity_key_file": str(federation_dir / "keys" / f"{hospital}.key"),
+            "roster_fingerprint": roster_fingerprint,
+            "identity_key_file": str(out / "participants" / hospital / "identity.key"),
             "state_dir": str(out / "participants" / hospital),
             "data": {
                 "path": str(path),
@@ -347,10 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     files, encoding, features = write_hospital_data(out)
     sizes = ", ".join(f"{h}: {sum(1 for _ in f.open()) - 1} patients" for h, f in files.items())
     say(f"Data split unevenly: {sizes}.")
-    from tessera.roster import create_federation
-
-    create_federation(FEDERATION, list(HOSPITALS), out / "federation")
-    curator, participants = configurations(out, files, encoding, features, broker_url)
+    fingerprint = create_federation(out)
+    say(
+        f"Each hospital made its own identity key; roster fingerprint {fingerprint[:16]}... pinned by all three."
+    )
+    curator, participants = configurations(out, files, encoding, features, broker_url, fingerprint)
     from tessera.transport import local_broker_problem
 
     reason = (

@@ -46,7 +46,7 @@ def run_local_federation(
     ``datasets`` maps each organisation to its (train, validation) split. Identity keys are read from each
     participant's ``identity_key_file`` (or ``key_dir/<org>.key``).
     """
-    roster = RosterFile.load(curator_settings.roster_file)
+    roster = RosterFile.load(curator_settings.roster_file, fingerprint=curator_settings.roster_fingerprint)
     exchange = LocalExchange(roster.organisations, curator=roster.curator_user)
     participants = []
     for organisation, settings in participant_settings.items():

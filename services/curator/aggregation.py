@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import structlog
 from tessera import protocol
 from tessera.envelope import seal_secagg
-from tessera.errors import ProtocolError
+from tessera.errors import Misbehaviour, ProtocolError
 from tessera.observability import CuratorMetricsSink
 from tessera.roster import RosterFile
 from tessera.secagg.curator import AggregationResult, CuratorSession, Outgoing
@@ -88,8 +88,8 @@ class AggregationDriver:
             return outcome
         outcome.result = session.result
         outcome.survivors = self._names(session.result.survivors)
-        if session.result.bad_share_senders:
-            log.warning("bad_shares_detected", senders=list(self._names(session.result.bad_share_senders)))
+        for sender in self._names(session.result.bad_share_senders):
+            self._attendance.offence(sender, "revealed a share that does not reconstruct")
         return outcome
 
     def _receive(self, session: CuratorSession, arrival: Arrival) -> list[Outgoing]:
@@ -108,8 +108,17 @@ class AggregationDriver:
             if not isinstance(message, _PARTICIPANT_MESSAGES):
                 raise ProtocolError(f"{type(message).__name__} is a curator message")
             out = session.receive(self._roster.index_of(arrival.message.sender), message, self._clock())
+        except Misbehaviour as exc:
+            self._inbox.drop(arrival, exc.reason, stale=False)
+            self._attendance.offence(arrival.message.sender, exc.reason)
+            session.stop_waiting_for(self._roster.index_of(arrival.message.sender))
+            return []
         except ProtocolError as exc:
             self._inbox.drop(arrival, exc.reason, stale=True)
+            return []
+        except Exception as exc:  # no message may end the curator: drop it, report the bug, go on
+            log.error("message_handling_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+            self._inbox.drop(arrival, "message handling failed", stale=False)
             return []
         self._inbox.done(arrival)
         return out

@@ -6,11 +6,15 @@ phase of the aggregation: killed, stalled, cut off) is *unresponsive*: a round w
 federation its training timeout once, not every round. Any message from it restores the full wait. The set
 is saved with the checkpoint, so a restarted curator does not wait the full timeout for a dead participant
 again.
+
+A participant that keeps breaking aggregations (a :class:`~tessera.errors.Misbehaviour`: a bad signature, a
+low-order key, malformed shares) is *excluded* after ``max_offences`` of them, with the reason logged and
+kept in the checkpoint and the report: it is no longer invited, so the others can finish.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import structlog
 
@@ -26,14 +30,19 @@ class Attendance:
         *,
         left: Iterable[str] = (),
         unresponsive: Iterable[str] = (),
+        excluded: Mapping[str, str] | None = None,
         min_participants: int,
         rejoin_wait: float,
+        max_offences: int,
     ) -> None:
-        self.active: set[str] = set(organisations) - set(left)
+        self.excluded: dict[str, str] = dict(excluded or {})
+        self.active: set[str] = set(organisations) - set(left) - set(self.excluded)
         self.unresponsive: set[str] = set(unresponsive) & self.active
         self.left_this_round: list[str] = []
+        self.offences: dict[str, list[str]] = {}
         self._min_participants = min_participants
         self._rejoin_wait = rejoin_wait
+        self._max_offences = max_offences
 
     def leave(self, organisation: str, *, reason: str, detail: str) -> None:
         """``organisation`` left the federation for good (its budget is spent, it refused the model...)."""
@@ -42,6 +51,21 @@ class Attendance:
             self.unresponsive.discard(organisation)
             self.left_this_round.append(organisation)
             log.info("participant_left", organisation=organisation, reason=reason, detail=detail)
+
+    def offence(self, organisation: str, reason: str) -> None:
+        """``organisation`` sent something no honest participant sends; exclude it once it has done so
+        ``max_offences`` times."""
+        if organisation not in self.active:
+            return
+        reasons = self.offences.setdefault(organisation, [])
+        reasons.append(reason)
+        log.warning("participant_misbehaved", organisation=organisation, reason=reason, offences=len(reasons))
+        if len(reasons) >= self._max_offences:
+            summary = f"{len(reasons)} offences, the last: {reason}"
+            self.excluded[organisation] = summary
+            self.active.discard(organisation)
+            self.unresponsive.discard(organisation)
+            log.error("participant_excluded", organisation=organisation, reason=summary)
 
     def heard_from(self, organisation: str) -> None:
         """A sign of life: wait for it fully again."""

@@ -41,6 +41,8 @@ class CuratorState:
     restarts: int = 0
     # Active organisations that missed their last round and have sent nothing since (see Attendance).
     unresponsive: tuple[str, ...] = ()
+    # Organisations excluded for repeated misbehaviour, with the reason (see Attendance).
+    excluded: dict[str, str] = field(default_factory=dict)
 
     def document(self) -> dict[str, Any]:
         return {
@@ -54,6 +56,7 @@ class CuratorState:
             "stop_reason": self.stop_reason,
             "restarts": self.restarts,
             "unresponsive": list(self.unresponsive),
+            "excluded": dict(self.excluded),
         }
 
 
@@ -100,6 +103,7 @@ def load(state_dir: Path) -> CuratorState | None:
             stop_reason=meta.get("stop_reason"),
             restarts=int(meta.get("restarts", 0)),
             unresponsive=tuple(meta.get("unresponsive", ())),
+            excluded=dict(meta.get("excluded", {})),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConfigurationError(

@@ -28,7 +28,7 @@ def run_curator(settings: CuratorSettings) -> int:
     configure_logging(settings.logging)
     stop = threading.Event()
     install_stop_handlers(stop)
-    roster = RosterFile.load(settings.roster_file)
+    roster = RosterFile.load(settings.roster_file, fingerprint=settings.roster_fingerprint)
     validation = None
     if settings.validation is not None:
         v = settings.validation

@@ -31,12 +31,12 @@ from tessera.bus import CuratorBus
 from tessera.data import ArrayDataset
 from tessera.envelope import seal
 from tessera.errors import ConfigurationError
-from tessera.fedavg import Aggregate, UpdateLayout, largest_value_bits
+from tessera.fedavg import Aggregate
 from tessera.inference import evaluate
 from tessera.models import build_model, flatten_parameters, load_flat_parameters, model_fingerprint
 from tessera.observability import CuratorMetricsSink
 from tessera.roster import RosterFile
-from tessera.secagg.config import AggregationConfig, Graph, SessionIds, default_threshold, minimum_threshold
+from tessera.secagg.config import AggregationConfig, Graph, SessionIds
 from tessera.secagg.curator import CuratorSession, PhaseTimeouts
 from tessera.secagg.wire import WireLimits
 
@@ -78,7 +78,13 @@ class Curator:
         self._allowed_imports = (settings.model.import_target,) if settings.model.import_target else ()
         self.model = build_model(settings.model, allowed_imports=self._allowed_imports)
         self.fingerprint = model_fingerprint(settings.model, self.model)
-        self.layout = self._layout()
+        self.roster_fingerprint = roster.fingerprint()
+        self.parameters = roster.parameters
+        self.min_participants = self._min_participants()
+        self.layout = roster.update_layout(
+            num_params=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            num_classes=settings.num_classes,
+        )
         self.limits = WireLimits(
             max_participants=len(roster.members),
             vector_length=self.layout.length,
@@ -90,8 +96,10 @@ class Curator:
             roster.organisations,
             left=(name for record in self.state.history for name in record.left),
             unresponsive=self.state.unresponsive,
-            min_participants=rounds.min_participants,
+            excluded=self.state.excluded,
+            min_participants=self.min_participants,
             rejoin_wait=rounds.rejoin_wait,
+            max_offences=rounds.max_offences,
         )
         metrics = metrics or CuratorMetricsSink()
         self.inbox = CuratorInbox(
@@ -133,7 +141,7 @@ class Curator:
             for attempt in range(rounds.attempts_per_round):
                 if self._run_round(round_number, attempt):
                     break
-                if len(self.active) < rounds.min_participants:
+                if len(self.active) < self.min_participants:
                     break
             else:
                 self._finish(f"round {round_number} failed {rounds.attempts_per_round} attempts")
@@ -159,7 +167,7 @@ class Curator:
         self._announce(round_number, attempt, aggregation)
         ready = self._await_ready(aggregation, started)
         training_seconds = self.clock() - started
-        minimum = self.settings.rounds.min_participants
+        minimum = self.min_participants
         if len(ready) < minimum:
             log.warning(
                 "round_attempt_failed",
@@ -188,6 +196,7 @@ class Curator:
             model=self.settings.model,
             model_fingerprint=self.fingerprint,
             layout=protocol.LayoutHeader.of(self.layout),
+            roster_fingerprint=self.roster_fingerprint,
         )
         sealed = seal(announcement, protocol.weights_to_bytes(self.state.weights))
         self.inbox.broadcast(sealed, audience=len(self.active))
@@ -236,22 +245,22 @@ class Curator:
         return ready & self.active
 
     def _aggregate(self, round_number: int, aggregation: str, ready: list[str]) -> AggregationOutcome:
-        secagg = self.settings.secagg
         indices = [self.roster.index_of(org) for org in ready]
         n = len(indices)
-        threshold = default_threshold(n)
-        if secagg.threshold_fraction is not None:
-            threshold = max(minimum_threshold(n), min(n, int(np.ceil(secagg.threshold_fraction * n))))
+        rules = self.parameters.rules()
+        graph = rules.graph_for(n)
         config = AggregationConfig.create(
             ids=SessionIds(federation=self.settings.federation, round=round_number, aggregation=aggregation),
             participants=indices,
             vector_length=self.layout.length,
-            ring_bits=secagg.ring_bits,
-            threshold=threshold,
-            graph=Graph(secagg.graph) if n > 8 else Graph.FULL,
+            ring_bits=self.layout.ring_bits,
+            threshold=rules.threshold(n),
+            graph=graph,
+            neighbours=rules.neighbours_for(n) if graph is Graph.SPARSE else None,
+            # Mixed into the graph seed with the advertisements (which do not exist yet): not a choice of ours.
             graph_seed=secrets.token_bytes(32),
         )
-        timeout = secagg.phase_timeout
+        timeout = self.settings.secagg.phase_timeout
         session = CuratorSession(
             config=config,
             roster=self.roster.secagg_roster(),
@@ -315,9 +324,9 @@ class Curator:
         rounds = self.settings.rounds
         if self.state.rounds_completed >= rounds.max_rounds:
             return f"round limit {rounds.max_rounds} reached"
-        if len(self.active) < rounds.min_participants:
+        if len(self.active) < self.min_participants:
             return (
-                f"only {len(self.active)} participants left (minimum {rounds.min_participants}); "
+                f"only {len(self.active)} participants left (minimum {self.min_participants}); "
                 "the others' privacy budgets are spent or they left"
             )
         if rounds.target_accuracy is not None and self.state.history:
@@ -332,21 +341,15 @@ class Curator:
         self._save()
         log.info("federation_finished", reason=reason, rounds_completed=self.state.rounds_completed)
 
-    def _layout(self) -> UpdateLayout:
-        secagg = self.settings.secagg
-        n = len(self.roster.members)
-        return UpdateLayout(
-            num_params=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-            num_classes=self.settings.num_classes,
-            clip=secagg.clip,
-            ring_bits=secagg.ring_bits,
-            value_bits=secagg.value_bits
-            or largest_value_bits(
-                ring_bits=secagg.ring_bits, max_weight=secagg.max_weight, max_participants=n
-            ),
-            max_weight=secagg.max_weight,
-            max_participants=n,
-        )
+    def _min_participants(self) -> int:
+        floor = self.roster.parameters.min_participants
+        wanted = self.settings.rounds.min_participants
+        if wanted is not None and wanted < floor:
+            raise ConfigurationError(
+                f"rounds.min_participants {wanted} is below the roster's parameters.min_participants {floor}; "
+                "participants would refuse such rounds"
+            )
+        return floor if wanted is None else wanted
 
     def _restore(self) -> checkpoint.CuratorState:
         saved = checkpoint.load(self.settings.state_dir)
@@ -375,6 +378,7 @@ class Curator:
 
     def _save(self) -> None:
         self.state.unresponsive = tuple(sorted(self.attendance.unresponsive & self.attendance.active))
+        self.state.excluded = dict(self.attendance.excluded)
         checkpoint.save(self.settings.state_dir, self.state, report_extra=self._report_extra())
         try:
             from tessera.report import write_plot

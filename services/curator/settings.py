@@ -18,9 +18,9 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tessera.models import ModelSpec
 from tessera.secagg.config import ID_PATTERN
@@ -39,11 +39,11 @@ class RoundSettings(BaseModel):
     target_accuracy: float | None = Field(
         default=None, gt=0, le=1, description="stop once the secure-averaged accuracy reaches this"
     )
-    min_participants: int = Field(
-        default=3,
+    min_participants: int | None = Field(
+        default=None,
         ge=3,
-        description="fewest participants a round may aggregate over (at least 3: with two, each could "
-        "subtract its own update from the sum); fewer left ends training",
+        description="fewest participants a round may aggregate over; fewer left ends training (default, and "
+        "at least: the roster's parameters.min_participants, which participants enforce)",
     )
     training_timeout: float = Field(
         default=600.0,
@@ -58,6 +58,12 @@ class RoundSettings(BaseModel):
         "dead participant does not cost every later round the whole training_timeout; any message from it "
         "restores the full wait",
     )
+    max_offences: int = Field(
+        default=3,
+        ge=1,
+        description="a participant that sends this many messages no honest participant sends (bad signatures, "
+        "invalid keys, malformed shares) is excluded for the rest of the training",
+    )
     attempts_per_round: int = Field(
         default=3, ge=1, description="a round that aborts is retried with fresh keys this many times in all"
     )
@@ -65,37 +71,14 @@ class RoundSettings(BaseModel):
 
 
 class SecAggSettings(BaseModel):
+    """Operational settings of secure aggregation. What every participant checks (threshold, graph, ring,
+    clipping, quantisation, privacy mode) is not here: it is in the roster (``tessera roster build``)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    ring_bits: Literal[32, 64] = Field(default=32, description="masked vectors live in Z_(2^ring_bits)")
-    clip: float = Field(default=0.5, gt=0, description="each update coordinate is clipped to [-clip, clip]")
-    value_bits: int | None = Field(
-        default=None,
-        ge=2,
-        le=53,
-        description="bits per quantised coordinate (default: the most the ring allows)",
-    )
-    max_weight: int = Field(
-        default=65_535, ge=1, description="largest training-sample count (FedAvg weight) of one participant"
-    )
-    graph: Literal["full", "sparse"] = Field(
-        default="full", description="full (Bonawitz) or sparse (SecAgg+)"
-    )
-    threshold_fraction: float | None = Field(
-        default=None,
-        gt=0.5,
-        le=1,
-        description="threshold as a fraction of the invited (default floor(2n/3)+1)",
-    )
     phase_timeout: float = Field(
         default=60.0, gt=0, description="seconds each secure-aggregation phase waits"
     )
-
-    @field_validator("ring_bits", mode="before")
-    @classmethod
-    def _ring_bits_from_text(cls, value: Any) -> Any:
-        # Environment variables arrive as text, and pydantic does not coerce "64" to Literal[32, 64].
-        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
 
 class ValidationSetSettings(BaseModel):
@@ -118,7 +101,13 @@ class CuratorSettings(BaseSettings):
     federation: str = Field(
         pattern=ID_PATTERN.pattern, description="federation id (the vhost is tessera-<id>)"
     )
-    roster_file: Path = Field(description="the federation's roster (tessera roster init)")
+    roster_file: Path = Field(description="the federation's roster (tessera roster build)")
+    roster_fingerprint: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-fA-F :]{64,95}$",
+        description="if set, refuse to start with any other roster (the fingerprint `tessera roster build` "
+        "printed)",
+    )
     state_dir: Path = Field(
         default=Path("/var/lib/tessera/curator"), description="checkpoints, metrics history and reports"
     )

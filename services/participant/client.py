@@ -16,6 +16,7 @@ of participants could expose this organisation's update. Otherwise it trains aga
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import secrets
@@ -29,7 +30,7 @@ import numpy.typing as npt
 import structlog
 from tessera import protocol
 from tessera.bus import ParticipantBus, Received
-from tessera.crypto import SigningKey
+from tessera.crypto import SigningKey, key_fingerprint
 from tessera.data import ArrayDataset
 from tessera.envelope import Admitted, Refused, Sealed, admit, seal, seal_secagg
 from tessera.errors import ConfigurationError, ProtocolError
@@ -37,9 +38,16 @@ from tessera.fedavg import UpdateLayout
 from tessera.inference import evaluate
 from tessera.models import build_model, load_flat_parameters, model_fingerprint
 from tessera.observability import ParticipantMetricsSink
-from tessera.roster import RosterFile
+from tessera.roster import RosterFile, normalise_fingerprint, secure_fingerprint_equal
 from tessera.secagg.config import ParticipantPolicy
-from tessera.secagg.messages import MaskedInput, StartAggregation, UnmaskShares
+from tessera.secagg.messages import (
+    AdvertiseKeys,
+    MaskedInput,
+    ParticipantMessage,
+    StartAggregation,
+    UnmaskShares,
+    advertisement_signed_bytes,
+)
 from tessera.secagg.participant import ParticipantSession, ParticipantState
 from tessera.secagg.wire import WireLimits
 from torch import nn
@@ -90,11 +98,19 @@ class Participant:
             )
         if settings.organisation not in roster.organisations:
             raise ConfigurationError(f"organisation {settings.organisation!r} is not in the roster")
+        if not secure_fingerprint_equal(roster.fingerprint(), settings.roster_fingerprint):
+            raise ConfigurationError(
+                f"the roster's fingerprint is {roster.fingerprint()}, this organisation pinned "
+                f"{normalise_fingerprint(settings.roster_fingerprint)}: refusing to take part under another roster"
+            )
         self.index = roster.index_of(settings.organisation)
         if roster.secagg_roster().key(self.index) != identity.public_bytes:
             raise ConfigurationError(
-                f"the identity key does not match the roster entry of {settings.organisation!r}"
+                f"the identity key does not match the roster entry of {settings.organisation!r}: this "
+                f"organisation's public key is {identity.public_bytes.hex()} (fingerprint "
+                f"{key_fingerprint(identity.public_bytes)}); send it to the coordinator to rebuild the roster"
             )
+        self.roster_fingerprint = roster.fingerprint()
         self.settings = settings
         self.roster = roster
         self.identity = identity
@@ -148,6 +164,16 @@ class Participant:
             self.metrics.message_rejected("invalid")
             self.bus.reject(delivery, exc.reason)
             return None
+        except (ConfigurationError, OSError):
+            raise  # this organisation's own setup is broken (an accountant it cannot write): stop, loudly
+        except Exception as exc:
+            # No message may end the service: whatever it triggered, drop it and the aggregation it was for
+            # (a retry starts a fresh one), and go on. This is a bug to report, hence the traceback.
+            log.error("message_handling_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+            self._session = None
+            self.metrics.message_rejected("failed")
+            self.bus.reject(delivery, "message handling failed")
+            return None
         self.bus.ack(delivery)
         return outcome
 
@@ -175,6 +201,7 @@ class Participant:
     # --- a round ----------------------------------------------------------------------------------------------
 
     def _on_round(self, header: protocol.RoundAnnouncement, payload: bytes) -> Exit | None:
+        self._check_roster(header)
         # A replayed or redelivered announcement must not restart work (or spend privacy) on an old model.
         current = self._announcement
         if current is not None and header.round < current.round:
@@ -225,6 +252,7 @@ class Participant:
         return None
 
     def _check_model(self, header: protocol.RoundAnnouncement) -> str | None:
+        """Why this organisation refuses to train what the curator announced (and leaves), or None."""
         if header.model != self.settings.model:
             return (
                 f"the curator's model {header.model.canonical_json()} differs from this organisation's "
@@ -239,9 +267,24 @@ class Participant:
         params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         if header.layout.num_params != params:
             return f"layout for {header.layout.num_params} parameters, the model has {params}"
-        if header.layout.max_participants < len(self.roster.members):
-            return "the layout's bit budget is planned for fewer participants than the roster holds"
         return None
+
+    def _check_roster(self, header: protocol.RoundAnnouncement) -> None:
+        """An announcement under another roster or with other encoding parameters than the roster's is a
+        curator's, not this organisation's, problem: refuse it (ProtocolError) and stay."""
+        if header.roster_fingerprint != self.roster_fingerprint:
+            raise ProtocolError(
+                f"round announced under roster {header.roster_fingerprint[:16]}..., this organisation pinned "
+                f"{self.roster_fingerprint[:16]}..."
+            )
+        expected = self.roster.update_layout(
+            num_params=header.layout.num_params, num_classes=header.layout.num_classes
+        )
+        if header.layout != protocol.LayoutHeader.of(expected):
+            raise ProtocolError(
+                f"announced layout {header.layout.model_dump()} differs from the roster's "
+                f"{protocol.LayoutHeader.of(expected).model_dump()}"
+            )
 
     def _budget_spent(self) -> bool:
         detail = self.mode.refusal()
@@ -299,8 +342,8 @@ class Participant:
 
     # --- secure aggregation -----------------------------------------------------------------------------------
 
-    def _maybe_stall(self, reply: object) -> None:
-        """Fault injection for resilience tests (TESSERA_FAULTS__STALL_BEFORE); never set in production."""
+    def _inject_faults(self, reply: ParticipantMessage) -> ParticipantMessage:
+        """Fault injection for resilience and security tests (TESSERA_FAULTS__*); never set in production."""
         faults = self.settings.faults
         kind = {MaskedInput: "masked_input", UnmaskShares: "unmask"}.get(type(reply))
         round_number = self._announcement.round if self._announcement is not None else None
@@ -311,11 +354,20 @@ class Participant:
         ):
             log.warning("fault_injection_stall", before=kind, seconds=faults.stall_seconds)
             time.sleep(faults.stall_seconds)
+        if faults.advertise_low_order_key and isinstance(reply, AdvertiseKeys):
+            log.warning("fault_injection_low_order_key")
+            low_order = bytes(32)
+            signed = advertisement_signed_bytes(
+                reply.ids, reply.sender, reply.encryption_key, low_order, reply.commitment
+            )
+            return dataclasses.replace(reply, masking_key=low_order, signature=self.identity.sign(signed))
+        return reply
 
     def _on_secagg(self, envelope: Admitted) -> None:
         if self._limits is None or self._announcement is None or self._work is None:
             raise ProtocolError("secure-aggregation message before any round announcement")
         message = envelope.secagg(self._limits)
+        session: ParticipantSession | None = self._session
         if isinstance(message, StartAggregation):
             ids = message.config.ids
             if (ids.round, ids.aggregation) != (self._announcement.round, self._announcement.aggregation):
@@ -323,7 +375,7 @@ class Participant:
             if self._session is not None:  # a replay or redelivery must not restart the session with new keys
                 raise ProtocolError(f"duplicate start of aggregation {ids.aggregation}")
             layout = self._work.layout
-            self._session = ParticipantSession(
+            session = ParticipantSession(
                 index=self.index,
                 identity=self.identity,
                 roster=self.roster.secagg_roster(),
@@ -331,18 +383,19 @@ class Participant:
                     federation=self.settings.federation,
                     vector_length=layout.length,
                     ring_bits=layout.ring_bits,
+                    rules=self.roster.parameters.rules(),
                 ),
                 vector=self._work.vector,
             )
-        if self._session is None:
+        if session is None:
             raise ProtocolError(f"{type(message).__name__} outside an aggregation")
-        structlog.contextvars.bind_contextvars(phase=self._session.state.value)
-        replies = self._session.receive(message)  # type: ignore[arg-type]
+        structlog.contextvars.bind_contextvars(phase=session.state.value)
+        replies = session.receive(message)  # type: ignore[arg-type]
+        self._session = session  # a refused start leaves no session behind
         for problem in self._session.share_problems:
             log.warning("share_problem", reason=problem.reason)
         self._session.share_problems.clear()
-        for reply in replies:
-            self._maybe_stall(reply)
+        for reply in map(self._inject_faults, replies):
             if isinstance(reply, UnmaskShares):
                 self._work.revealed = True  # before sending: a crash now must not allow reuse
             self._send(seal_secagg(self.settings.federation, reply))

@@ -49,7 +49,7 @@ def run_participant(settings: ParticipantSettings) -> int:
     configure_logging(settings.logging)
     stop = threading.Event()
     install_stop_handlers(stop)
-    roster = RosterFile.load(settings.roster_file)
+    roster = RosterFile.load(settings.roster_file, fingerprint=settings.roster_fingerprint)
     identity = load_identity_key(settings.identity_key_file)
     train, validation = load_local_data(settings.data)
     log.info("data_loaded", train=len(train), validation=len(validation))

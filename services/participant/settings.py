@@ -5,6 +5,7 @@ Example::
     TESSERA_FEDERATION=acme
     TESSERA_ORGANISATION=hospital-a
     TESSERA_ROSTER_FILE=/etc/tessera/roster.json
+    TESSERA_ROSTER_FINGERPRINT=3f2a...e91c   # from `tessera roster build`, checked out of band
     TESSERA_IDENTITY_KEY_FILE=/etc/tessera/identity/key
     TESSERA_STATE_DIR=/var/lib/tessera/participant
     TESSERA_BROKER__URL=amqps://broker.example:5671/
@@ -89,7 +90,8 @@ class PrivacySettings(BaseModel):
 
 
 class FaultInjection(BaseModel):
-    """For resilience tests only: make this participant hang at a chosen point so a test can kill it there."""
+    """For resilience and security tests only: make this participant hang at a chosen point so a test can kill
+    it there, or misbehave as a hostile insider would."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -98,6 +100,11 @@ class FaultInjection(BaseModel):
     )
     stall_seconds: float = Field(default=3600.0, gt=0, description="TESTING ONLY: how long to hang")
     stall_round: int = Field(default=1, ge=1, description="TESTING ONLY: the round in which to hang")
+    advertise_low_order_key: bool = Field(
+        default=False,
+        description="TESTING ONLY: act as a hostile insider that advertises an all-zero (low-order) masking "
+        "key, signed with its own identity key, in every aggregation",
+    )
 
 
 class ParticipantSettings(BaseSettings):
@@ -110,8 +117,13 @@ class ParticipantSettings(BaseSettings):
     federation: str = Field(pattern=ID_PATTERN.pattern, description="federation id")
     organisation: str = Field(pattern=ID_PATTERN.pattern, description="this organisation's id in the roster")
     roster_file: Path = Field(description="the federation's roster (from the coordinator)")
+    roster_fingerprint: str = Field(
+        pattern=r"^[0-9a-fA-F :]{64,95}$",
+        description="the roster's fingerprint, compared with the coordinator and the other companies out of "
+        "band: this participant refuses any other roster, and any round announced under another",
+    )
     identity_key_file: Path = Field(
-        description="this organisation's private Ed25519 identity key (hex, 0600)"
+        description="this organisation's private Ed25519 identity key (hex, 0600; `tessera identity init`)"
     )
     state_dir: Path = Field(
         default=Path("/var/lib/tessera/participant"), description="privacy accountant and local state"

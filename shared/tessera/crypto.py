@@ -170,6 +170,48 @@ class AgreementKey:
         return hkdf(shared, context=context, purpose=purpose)
 
 
+# A fixed, clamped scalar: the X25519 function multiplies by a multiple of the cofactor 8, so a point of order
+# dividing 8 (RFC 7748 section 6.1: "low-order" points, also in non-canonical encodings) maps to the identity
+# whatever the scalar, and no other point does. One exchange with any scalar therefore tells them apart.
+_PROBE_KEY = X25519PrivateKey.from_private_bytes(hashlib.sha256(b"tessera-x25519-probe").digest())
+
+
+def check_agreement_public_key(public: bytes) -> None:
+    """Raise :class:`CryptoFailure` unless ``public`` is a 32-byte X25519 public key that is not of low order.
+
+    Such a key would make every key agreement with it yield the all-zero secret (which :meth:`AgreementKey.
+    derive` refuses), so a participant advertising one could make every honest peer's session fail.
+    """
+    _check_len("X25519 public key", public, KEY_BYTES)
+    try:
+        shared = _PROBE_KEY.exchange(X25519PublicKey.from_public_bytes(bytes(public)))
+    except ValueError as exc:  # OpenSSL refuses an all-zero result
+        raise CryptoFailure("low-order X25519 public key") from exc
+    if hmac.compare_digest(shared, bytes(KEY_BYTES)):
+        raise CryptoFailure("low-order X25519 public key")
+
+
+def check_identity_public_key(public: bytes) -> None:
+    """Raise :class:`CryptoFailure` unless ``public`` decodes as an Ed25519 public key (RFC 8032 5.1.3)."""
+    _check_len("Ed25519 public key", public, KEY_BYTES)
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes(public))
+    except ValueError as exc:
+        raise CryptoFailure("not an Ed25519 public key") from exc
+
+
+def key_fingerprint(public: bytes) -> str:
+    """A short, human-comparable fingerprint of a public key: SHA-256, first 16 bytes, in groups of four
+    hex digits (read it out over the phone to check a key was not swapped on its way)."""
+    return group_hex(hashlib.sha256(b"tessera-key-fingerprint-v1\x00" + public).digest()[:16])
+
+
+def group_hex(raw: bytes) -> str:
+    """``raw`` as hex digits in groups of four, separated by spaces."""
+    text = raw.hex()
+    return " ".join(text[i : i + 4] for i in range(0, len(text), 4))
+
+
 def public_key_matches(private: bytes, expected_public: bytes) -> bool:
     """Whether an X25519 private key belongs to ``expected_public`` (checks a Shamir reconstruction)."""
     try:
@@ -291,10 +333,14 @@ __all__ = [
     "RingBits",
     "SigningKey",
     "add_mask_stream",
+    "check_agreement_public_key",
+    "check_identity_public_key",
     "commit",
     "digest",
+    "group_hex",
     "hkdf",
     "hkdf_sha256",
+    "key_fingerprint",
     "mask_stream",
     "open_sealed",
     "public_key_matches",

@@ -3,6 +3,7 @@
 - :class:`ProtocolError`: a *remote* party sent something wrong (malformed bytes, bad signature, wrong
   round, wrong phase, duplicate...). The message is dropped; the receiving state machine is unchanged and
   the round goes on where it can. Log it with its ``reason`` and carry on.
+  :class:`Misbehaviour` is the kind that no honest party sends (it counts against the sender).
 - :class:`LocalUsageError`: *this* process misused an API (called a method in the wrong state, passed a
   vector of the wrong length). A bug in the caller; fix the call.
 - :class:`ConfigurationError`: a setting that cannot work (e.g. a bit budget that could overflow the ring).
@@ -25,6 +26,12 @@ class ProtocolError(TesseraError):
         self.reason = reason
         self.sender = sender
         super().__init__(reason if sender is None else f"{reason} (from {sender})")
+
+
+class Misbehaviour(ProtocolError):
+    """A remote party sent what no honest implementation sends: a bad signature, an invalid key, a malformed
+    vector, shares nobody asked for. Unlike a late or repeated message (a plain :class:`ProtocolError`), it
+    counts against the sender: the curator excludes a participant that keeps doing it."""
 
 
 class LocalUsageError(TesseraError):
@@ -52,6 +59,7 @@ __all__ = [
     "AggregationAborted",
     "ConfigurationError",
     "LocalUsageError",
+    "Misbehaviour",
     "ProtocolError",
     "TesseraError",
     "TransportError",

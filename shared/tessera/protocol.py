@@ -86,6 +86,8 @@ class RoundAnnouncement(_Header):
     model: ModelSpec
     model_fingerprint: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     layout: LayoutHeader
+    # The roster the curator runs with: a participant takes part only under the roster it pinned.
+    roster_fingerprint: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 class Ready(_Header):

@@ -204,9 +204,10 @@ class Federation:
         organisations: int,
         curator: dict[str, Any] | None = None,
         participant: dict[str, Any] | None = None,
+        roster: dict[str, Any] | None = None,
         cleanups: list[threading.Thread],
     ) -> None:
-        from tessera.roster import create_federation
+        from tessera.roster import FederationParameters, build_roster, create_identity
 
         self.root = root
         self.cleanups = cleanups
@@ -222,7 +223,19 @@ class Federation:
         self.logs.mkdir(parents=True, exist_ok=True)
         files, encoding = write_organisation_data(root / "data", self.organisations)
         federation_dir = root / "federation"
-        create_federation(self.federation, self.organisations, federation_dir, curator_user=self.curator_user)
+        # The deployment's key custody: each organisation makes its identity key where its participant runs
+        # (its state dir); the coordinator builds the roster from the public keys only.
+        public_keys = {
+            o: create_identity(root / "participants" / o / "identity.key")[0].public_bytes
+            for o in self.organisations
+        }
+        parameters = FederationParameters.model_validate(deep_merge({"layout": {"clip": 1.0}}, roster or {}))
+        built = build_roster(
+            self.federation, public_keys, parameters=parameters, curator_user=self.curator_user
+        )
+        federation_dir.mkdir(parents=True, exist_ok=True)
+        built.save(federation_dir / "roster.json")
+        self.roster_fingerprint = built.fingerprint()
         from tessera.transport import generate_password
 
         self.passwords = {u: generate_password() for u in (self.curator_user, *self.organisations)}
@@ -256,11 +269,12 @@ class Federation:
                 "state_dir": str(root / "curator"),
                 "rounds": {
                     "max_rounds": 3,
-                    "min_participants": min(3, organisations),
+                    "min_participants": 3,
                     "training_timeout": 25.0,
                     "attempts_per_round": 3,
                 },
-                "secagg": {"clip": 1.0, "phase_timeout": 6.0},
+                "secagg": {"phase_timeout": 6.0},
+                "roster_fingerprint": self.roster_fingerprint,
                 "broker": broker_settings(self.curator_user),
             },
             curator or {},
@@ -271,7 +285,8 @@ class Federation:
                 {
                     **common,
                     "organisation": organisation,
-                    "identity_key_file": str(federation_dir / "keys" / f"{organisation}.key"),
+                    "roster_fingerprint": self.roster_fingerprint,
+                    "identity_key_file": str(root / "participants" / organisation / "identity.key"),
                     "state_dir": str(root / "participants" / organisation),
                     "data": {
                         "path": str(files[organisation]),

@@ -24,8 +24,9 @@ def test_round_completes_without_participants_killed_before_masked_input_and_bef
         organisations=5,
         curator={
             "rounds": {"max_rounds": 1, "min_participants": 3},
-            "secagg": {"threshold_fraction": 0.6, "phase_timeout": 5.0},
+            "secagg": {"phase_timeout": 5.0},
         },
+        roster={"threshold_fraction": 0.6},
     )
     before_masked, before_unmask, *rest = fed.organisations
     processes = fed.start(faults={before_masked: STALL_MASKED, before_unmask: STALL_UNMASK})
@@ -64,8 +65,9 @@ def test_round_below_threshold_aborts_and_is_retried_with_fresh_keys(federation)
         curator={
             # The retry waits this long for the two dead ones; round 1 starts only once all are connected.
             "rounds": {"max_rounds": 1, "min_participants": 3, "training_timeout": 8.0},
-            "secagg": {"phase_timeout": 5.0, "threshold_fraction": 0.8},
+            "secagg": {"phase_timeout": 5.0},
         },
+        roster={"threshold_fraction": 0.8},
     )
     before_masked, before_unmask, *rest = fed.organisations
     processes = fed.start(

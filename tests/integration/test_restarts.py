@@ -70,8 +70,9 @@ def test_participant_restarted_continues_its_privacy_accountant(federation):
         curator={
             "rounds": {"max_rounds": rounds, "min_participants": 3},
             # Four invited, threshold 3: round 2 completes without the killed participant.
-            "secagg": {"threshold_fraction": 0.6, "phase_timeout": 5.0},
+            "secagg": {"phase_timeout": 5.0},
         },
+        roster={"threshold_fraction": 0.6},
     )
     victim, *others = fed.organisations
     processes = fed.start(faults={victim: {"stall_before": "masked_input", "stall_round": 2}})

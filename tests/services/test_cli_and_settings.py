@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from tessera.crypto import SigningKey
+from tessera.crypto import SigningKey, key_fingerprint
 from tessera.curator.settings import load_curator_settings
 from tessera.errors import ConfigurationError
 from tessera.participant.settings import load_participant_settings
-from tessera.roster import RosterFile, create_federation, load_identity_key, write_identity_key
+from tessera.roster import RosterFile, create_demo_federation, load_identity_key, write_identity_key
 
 
 def _tessera(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -26,10 +26,16 @@ def _tessera(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     )
 
 
-def test_roster_init_and_show(tmp_path: Path) -> None:
-    out = _tessera(
-        "roster", "init", "--federation", "acme", "--organisations", "a-co,b-co,c-co", "--out", str(tmp_path)
+DEMO = ("roster", "init-demo", "--all-keys-in-one-place")
+
+
+def test_roster_init_demo_and_show(tmp_path: Path) -> None:
+    refused = _tessera(
+        "roster", "init-demo", "--federation", "acme", "--organisations", "a-co,b-co", "--out", str(tmp_path)
     )
+    assert refused.returncode == 2 and "demos and tests only" in refused.stderr
+    assert not (tmp_path / "roster.json").exists() and not (tmp_path / "keys").exists()
+    out = _tessera(*DEMO, "--federation", "acme", "--organisations", "a-co,b-co,c-co", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
     roster = RosterFile.load(tmp_path / "roster.json")
     assert roster.organisations == ("a-co", "b-co", "c-co")
@@ -37,12 +43,94 @@ def test_roster_init_and_show(tmp_path: Path) -> None:
     assert roster.secagg_roster().key(roster.index_of("b-co")) == key.public_bytes
     assert (tmp_path / "keys" / "b-co.key").stat().st_mode & 0o077 == 0
     shown = _tessera("roster", "show", str(tmp_path / "roster.json"))
-    assert "b-co" in shown.stdout
-    again = _tessera(
-        "roster", "init", "--federation", "acme", "--organisations", "x-co,y-co", "--out", str(tmp_path)
-    )
+    assert "b-co" in shown.stdout and roster.fingerprint() in shown.stdout
+    again = _tessera(*DEMO, "--federation", "acme", "--organisations", "x-co,y-co", "--out", str(tmp_path))
     assert again.returncode == 2 and "already exists" in again.stderr
     assert RosterFile.load(tmp_path / "roster.json").organisations == ("a-co", "b-co", "c-co")  # unchanged
+
+
+def test_keys_born_at_each_company_and_a_roster_of_public_keys(tmp_path: Path) -> None:
+    """The deployment flow: each company makes its key, the coordinator sees only public keys."""
+    companies = ["a-co", "b-co", "c-co"]
+    public = {}
+    for company in companies:
+        made = _tessera(
+            "identity",
+            "init",
+            "--key",
+            str(tmp_path / company / "id.key"),
+            "--public-out",
+            str(tmp_path / f"{company}.pub"),
+        )
+        assert made.returncode == 0, made.stderr
+        key = load_identity_key(tmp_path / company / "id.key")
+        assert (tmp_path / company / "id.key").stat().st_mode & 0o077 == 0
+        assert key.public_bytes.hex() in made.stdout and key_fingerprint(key.public_bytes) in made.stdout
+        public[company] = key.public_bytes
+        again = _tessera("identity", "init", "--key", str(tmp_path / company / "id.key"))
+        assert again.returncode == 2 and "already exists" in again.stderr
+        assert load_identity_key(tmp_path / company / "id.key").public_bytes == key.public_bytes  # untouched
+        kept = _tessera("identity", "init", "--if-missing", "--key", str(tmp_path / company / "id.key"))
+        assert kept.returncode == 0 and key.public_bytes.hex() in kept.stdout
+    members = [
+        f"a-co={tmp_path / 'a-co.pub'}",
+        f"b-co={public['b-co'].hex()}",
+        f"c-co={tmp_path / 'c-co.pub'}",
+    ]
+    built = _tessera(
+        "roster",
+        "build",
+        "--federation",
+        "acme",
+        *(a for m in members for a in ("--member", m)),
+        "--threshold-fraction",
+        "0.7",
+        "--out",
+        str(tmp_path / "roster.json"),
+    )
+    assert built.returncode == 0, built.stderr
+    roster = RosterFile.load(tmp_path / "roster.json")
+    assert roster.fingerprint() in built.stdout
+    assert [bytes.fromhex(m.identity_key) for m in roster.members] == [public[c] for c in companies]
+    assert roster.parameters.threshold_fraction == 0.7
+    assert (
+        not list(tmp_path.glob("*.key")) and not (tmp_path / "keys").exists()
+    )  # no private key at the coordinator
+    # Pinned: the same roster loads, any change to it is refused.
+    assert RosterFile.load(tmp_path / "roster.json", fingerprint=roster.fingerprint()) == roster
+    spaced = " ".join(roster.fingerprint()[i : i + 4] for i in range(0, 64, 4)).upper()
+    assert RosterFile.load(tmp_path / "roster.json", fingerprint=spaced) == roster
+    doc = json.loads((tmp_path / "roster.json").read_text())
+    doc["parameters"]["threshold_fraction"] = 0.6
+    (tmp_path / "other.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigurationError, match="not the roster the companies agreed on"):
+        RosterFile.load(tmp_path / "other.json", fingerprint=roster.fingerprint())
+    # Bad input changes nothing.
+    bad = _tessera(
+        "roster",
+        "build",
+        "--federation",
+        "acme",
+        "--member",
+        "a-co=nothex",
+        "--member",
+        "b-co=00",
+        "--out",
+        str(tmp_path / "roster.json"),
+        "--force",
+    )
+    assert bad.returncode == 2 and "neither 64 hex digits" in bad.stderr
+    assert RosterFile.load(tmp_path / "roster.json") == roster
+    exists = _tessera(
+        "roster",
+        "build",
+        "--federation",
+        "acme",
+        *(a for m in members for a in ("--member", m)),
+        "--out",
+        str(tmp_path / "roster.json"),
+    )
+    assert exists.returncode == 2 and "--force" in exists.stderr
 
 
 @pytest.mark.parametrize(
@@ -56,7 +144,7 @@ def test_roster_init_and_show(tmp_path: Path) -> None:
 )
 def test_bad_rosters_are_refused(tmp_path: Path, organisations: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
-        create_federation("acme", organisations.split(","), tmp_path)
+        create_demo_federation("acme", organisations.split(","), tmp_path)
     assert not (tmp_path / "roster.json").exists()
 
 
@@ -98,6 +186,7 @@ def test_settings_errors_name_the_variable(tmp_path: Path, monkeypatch: pytest.M
     env_file = tmp_path / "p.env"
     env_file.write_text(
         "TESSERA_ORGANISATION=b-co\nTESSERA_IDENTITY_KEY_FILE=/k\nTESSERA_DATA__PATH=/d.csv\n"
+        f"TESSERA_ROSTER_FINGERPRINT={'ab' * 32}\n"
     )
     settings = load_participant_settings(env_file)
     assert settings.organisation == "b-co" and settings.privacy.enabled

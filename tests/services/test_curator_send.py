@@ -11,7 +11,7 @@ from tessera.curator.rounds import Curator
 from tessera.curator.settings import CuratorSettings
 from tessera.models import ModelSpec
 from tessera.observability import CuratorMetricsSink
-from tessera.roster import RosterFile, create_federation
+from tessera.roster import RosterFile, create_demo_federation
 from tessera.secagg.config import SessionIds
 from tessera.secagg.curator import Outgoing
 from tessera.secagg.messages import Abort, SurvivorList
@@ -58,7 +58,7 @@ class Metrics(CuratorMetricsSink):
 
 
 def test_one_bus_call_per_message_and_bytes_counted_per_recipient(tmp_path: Path):
-    create_federation("local", ORGS, tmp_path / "fed")
+    create_demo_federation("local", ORGS, tmp_path / "fed")
     roster = RosterFile.load(tmp_path / "fed" / "roster.json")
     settings = CuratorSettings(
         federation="local",

@@ -18,7 +18,7 @@ from tessera.evaluation import EvalCounts
 from tessera.inference import evaluate
 from tessera.models import ModelSpec, build_model, load_flat_parameters
 from tessera.participant.settings import ParticipantSettings
-from tessera.roster import create_federation
+from tessera.roster import FederationParameters, RosterFile, create_demo_federation
 
 MODEL = ModelSpec(name="mlp", kwargs={"input_dim": 6, "hidden": [8], "num_classes": 2})
 
@@ -39,7 +39,8 @@ def _settings(
 ) -> tuple[CuratorSettings, dict[str, ParticipantSettings]]:
     fed = tmp / "fed"
     if not (fed / "roster.json").exists():
-        create_federation("local", orgs, fed)
+        create_demo_federation("local", orgs, fed, parameters=FederationParameters(layout={"clip": 1.0}))
+    fingerprint = RosterFile.load(fed / "roster.json").fingerprint()
     curator = CuratorSettings(
         federation="local",
         roster_file=fed / "roster.json",
@@ -47,7 +48,7 @@ def _settings(
         model=MODEL,
         num_classes=2,
         rounds={"max_rounds": rounds, "min_participants": 3, "training_timeout": 30},
-        secagg={"clip": 1.0, "phase_timeout": 10},
+        secagg={"phase_timeout": 10},
         health={"enabled": False},
     )
     plan = {"target_epsilon": 8.0, "planned_rounds": 4, "batch_size": 16, "lr": 0.3, **(privacy or {})}
@@ -56,6 +57,7 @@ def _settings(
             federation="local",
             organisation=org,
             roster_file=fed / "roster.json",
+            roster_fingerprint=fingerprint,
             identity_key_file=fed / "keys" / f"{org}.key",
             state_dir=tmp / org,
             model=participant.get("models", {}).get(org, MODEL),

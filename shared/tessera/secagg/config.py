@@ -8,6 +8,7 @@ with a config it only fixed up on the server). Both sides call :meth:`Aggregatio
 from __future__ import annotations
 
 import enum
+import math
 import re
 import struct
 from collections.abc import Iterable, Mapping
@@ -201,14 +202,73 @@ class AggregationConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AggregationRules:
+    """The federation's rules for every aggregation (fixed in the roster, checked by every participant):
+    the smallest aggregation, the threshold, and the graph.
+
+    ``threshold_fraction`` None means floor(2n/3)+1; a fraction f means ceil(f·n), never below
+    floor(n/2)+1. The sparse graph applies from ``sparse_from`` invited participants on, with neighbourhoods
+    of ``neighbours`` (default: :func:`default_neighbours`).
+    """
+
+    min_participants: int = 3
+    threshold_fraction: float | None = None
+    graph: Graph = Graph.FULL
+    neighbours: int | None = None
+    sparse_from: int = 9
+
+    def threshold(self, invited: int) -> int:
+        """The threshold an aggregation over ``invited`` participants must use (at least)."""
+        if self.threshold_fraction is None:
+            return default_threshold(invited)
+        return max(
+            minimum_threshold(invited), min(invited, math.ceil(self.threshold_fraction * invited - 1e-9))
+        )
+
+    def graph_for(self, invited: int) -> Graph:
+        return Graph.SPARSE if self.graph is Graph.SPARSE and invited >= self.sparse_from else Graph.FULL
+
+    def neighbours_for(self, invited: int) -> int:
+        """The SecAgg+ neighbourhood size for ``invited`` participants (even, below ``invited``)."""
+        k = self.neighbours if self.neighbours is not None else default_neighbours(invited)
+        return min(k, invited - 1 if (invited - 1) % 2 == 0 else invited - 2)
+
+    def check(self, config: AggregationConfig) -> None:
+        """Raise ConfigurationError if ``config`` is weaker than these rules allow."""
+        n = config.n
+        if n < self.min_participants:
+            raise ConfigurationError(
+                f"{n} participants invited, the federation's minimum is {self.min_participants}"
+            )
+        required = self.threshold(n)
+        if config.threshold < required:
+            raise ConfigurationError(
+                f"threshold {config.threshold} is below the federation's {required} for {n} participants"
+            )
+        if config.graph is Graph.SPARSE:
+            if self.graph_for(n) is Graph.FULL:
+                raise ConfigurationError("the federation uses the full graph; a sparse graph is refused")
+            k = self.neighbours_for(n)
+            if config.neighbours < k:
+                raise ConfigurationError(f"{config.neighbours} neighbours, the federation's minimum is {k}")
+            floor = default_threshold(config.neighbours + 1)
+            if config.neighbourhood_threshold < floor:
+                raise ConfigurationError(
+                    f"neighbourhood threshold {config.neighbourhood_threshold} is below {floor} for "
+                    f"{config.neighbours} neighbours"
+                )
+
+
+@dataclass(frozen=True, kw_only=True)
 class ParticipantPolicy:
     """What a participant accepts from a curator, checked before it joins an aggregation."""
 
     federation: str
     vector_length: int
     ring_bits: RingBits
-    min_threshold: int | None = None  # None: floor(n/2)+1 of the invited set
+    min_threshold: int | None = None  # None: floor(n/2)+1 of the invited set (and the rules' threshold)
     allow_sparse: bool = True
+    rules: AggregationRules | None = None
 
     def check(self, config: AggregationConfig, own_index: int) -> None:
         """Raise ConfigurationError if the curator's configuration is not acceptable to this participant."""
@@ -231,19 +291,25 @@ class ParticipantPolicy:
             )
         if config.graph is Graph.SPARSE and not self.allow_sparse:
             raise ConfigurationError("this participant does not accept the sparse (SecAgg+) graph")
+        if self.rules is not None:
+            self.rules.check(config)
 
 
-def neighbourhoods(config: AggregationConfig, members: Iterable[int]) -> dict[int, frozenset[int]]:
+def neighbourhoods(
+    config: AggregationConfig, members: Iterable[int], *, seed: bytes | None = None
+) -> dict[int, frozenset[int]]:
     """Each member's neighbours among ``members`` (U1): everyone else, or the SecAgg+ Harary graph.
 
-    The sparse graph is a Harary graph H(k, |U1|) over a permutation of U1 derived from the config's
-    graph seed, so every party computes the same symmetric graph from the same broadcast (Bell et al. 2020).
+    The sparse graph is a Harary graph H(k, |U1|) over a permutation of U1 derived from ``seed`` (default:
+    the config's graph seed), so every party computes the same symmetric graph from the same inputs (Bell et
+    al. 2020). The protocol passes the seed :func:`tessera.secagg._common.graph_seed` derives from the
+    advertisements of U1, which the curator cannot choose.
     """
     ordered = sorted(set(members))
     if not config.is_sparse_for(len(ordered)):
         everyone = frozenset(ordered)
         return {u: everyone - {u} for u in ordered}
-    seed = config.graph_seed + config.ids.context()
+    seed = (config.graph_seed if seed is None else seed) + config.ids.context()
     ring = sorted(ordered, key=lambda u: digest(seed + struct.pack(">I", u)))
     half = config.neighbours // 2
     size = len(ring)
@@ -259,6 +325,7 @@ def neighbourhoods(config: AggregationConfig, members: Iterable[int]) -> dict[in
 __all__ = [
     "ID_PATTERN",
     "AggregationConfig",
+    "AggregationRules",
     "Graph",
     "ParticipantPolicy",
     "RingBits",

@@ -14,7 +14,10 @@ Whenever a phase closes with fewer than ``threshold`` senders, the session moves
 and an unverifiable reconstruction aborts.
 
 ``receive(sender, message, now)`` takes the *authenticated* sender (RabbitMQ's ``user_id`` mapped to a roster
-index by the transport). A message that does not fit raises :class:`ProtocolError` and changes nothing.
+index by the transport). A message that does not fit raises :class:`ProtocolError` and changes nothing; one
+that no honest participant sends (a bad signature, a low-order key, malformed shares or vectors) raises its
+subclass :class:`Misbehaviour`, which the service counts against the sender. An advertiser whose keys are
+invalid is simply left out of U1.
 Time comes in as ``now`` (seconds, any monotonic origin); ``poll(now)`` closes a phase whose deadline passed.
 Masked inputs are summed on arrival, so memory stays at one vector whatever n is.
 """
@@ -33,20 +36,22 @@ from tessera.crypto import (
     SIGNATURE_BYTES,
     AgreementKey,
     CryptoFailure,
+    check_agreement_public_key,
     public_key_matches,
     ring_dtype,
     secure_equal,
     verify_signature,
 )
-from tessera.errors import LocalUsageError, ProtocolError
+from tessera.errors import LocalUsageError, Misbehaviour, ProtocolError
 from tessera.secagg._common import (
     SHARE_PLAINTEXT_BYTES,
     add_pairwise_mask,
     add_self_mask,
+    advertised_neighbourhoods,
     pairwise_seed,
     seed_commitment,
 )
-from tessera.secagg.config import AggregationConfig, Roster, neighbourhoods
+from tessera.secagg.config import AggregationConfig, Roster
 from tessera.secagg.messages import (
     Abort,
     AdvertisedKeys,
@@ -180,7 +185,7 @@ class CuratorSession:
         if sender not in self._roster:
             raise ProtocolError("sender is not in the roster", sender=sender)
         if message.sender != sender:
-            raise ProtocolError(f"message claims to come from {message.sender}", sender=sender)
+            raise Misbehaviour(f"message claims to come from {message.sender}", sender=sender)
         if message.ids != self.config.ids:
             raise ProtocolError(f"message is for {message.ids}, not {self.config.ids}", sender=sender)
         if self.finished:
@@ -194,15 +199,29 @@ class CuratorSession:
             raise ProtocolError(f"not a participant of phase {self.phase.value}", sender=sender)
         if sender in self._answered:
             raise ProtocolError(f"duplicate {type(message).__name__}", sender=sender)
-        rule.handle(self, sender, message)
+        try:
+            rule.handle(self, sender, message)
+        except CryptoFailure as exc:  # handlers translate their own; this is the backstop
+            raise Misbehaviour(
+                f"{type(message).__name__} failed a cryptographic check", sender=sender
+            ) from exc
         self._answered.add(sender)
         if self._answered >= self._expected:
             return self._close_phase(now)
         return []
 
+    def stop_waiting_for(self, sender: int) -> None:
+        """The driver's decision that the current phase will not get a valid answer from ``sender`` (it sent
+        a :class:`Misbehaviour`): :meth:`poll` then closes the phase once everybody else has answered,
+        instead of waiting for the deadline. (:meth:`receive` itself never changes state on bad input.)"""
+        if not self.finished and sender not in self._answered:
+            self._expected = self._expected - {sender}
+
     def poll(self, now: float) -> list[Outgoing]:
-        """Close the current phase if its deadline has passed."""
-        if self.finished or self.next_deadline is None or now < self.next_deadline:
+        """Close the current phase if its deadline has passed, or if everybody it still waits for answered."""
+        if self.finished or self.next_deadline is None:
+            return []
+        if now < self.next_deadline and not self._answered >= self._expected:
             return []
         return self._close_phase(now)
 
@@ -212,26 +231,33 @@ class CuratorSession:
         if not (
             len(message.encryption_key) == len(message.masking_key) == len(message.commitment) == KEY_BYTES
         ):
-            raise ProtocolError("advertised keys and commitment must be 32 bytes each", sender=sender)
+            raise Misbehaviour("advertised keys and commitment must be 32 bytes each", sender=sender)
         signed = advertisement_signed_bytes(
             message.ids, sender, message.encryption_key, message.masking_key, message.commitment
         )
         try:
             verify_signature(self._roster.key(sender), signed, message.signature)
         except CryptoFailure as exc:
-            raise ProtocolError("advertisement signature does not verify", sender=sender) from exc
+            raise Misbehaviour("advertisement signature does not verify", sender=sender) from exc
+        try:
+            check_agreement_public_key(message.encryption_key)
+            check_agreement_public_key(message.masking_key)
+        except CryptoFailure as exc:
+            # Forwarded, such a key would make every honest peer's key agreement fail: its advertiser is
+            # left out of this aggregation instead (and counted as an offence by the service).
+            raise Misbehaviour("advertised a low-order or invalid X25519 key", sender=sender) from exc
         self._adverts[sender] = message
 
     def _on_share(self, sender: int, message: EncryptedShares) -> None:
         recipients = [item.peer for item in message.shares]
         wanted = self._neighbours[sender]
         if len(recipients) != len(set(recipients)) or set(recipients) != wanted:
-            raise ProtocolError(
+            raise Misbehaviour(
                 f"shares must go to exactly its {len(wanted)} holders, once each", sender=sender
             )
         expected_len = SHARE_PLAINTEXT_BYTES + SEAL_OVERHEAD
         if any(len(item.ciphertext) != expected_len for item in message.shares):
-            raise ProtocolError(f"each share ciphertext must be {expected_len} bytes", sender=sender)
+            raise Misbehaviour(f"each share ciphertext must be {expected_len} bytes", sender=sender)
         self._ciphertexts[sender] = message.shares
 
     def _on_masked(self, sender: int, message: MaskedInput) -> None:
@@ -241,7 +267,7 @@ class CuratorSession:
             or vector.dtype != self._total.dtype
             or vector.shape[0] != self.config.vector_length
         ):
-            raise ProtocolError(
+            raise Misbehaviour(
                 f"masked input must be {self.config.vector_length} elements of Z_2^{self.config.ring_bits}",
                 sender=sender,
             )
@@ -249,7 +275,7 @@ class CuratorSession:
 
     def _on_consistency(self, sender: int, message: ConsistencySignature) -> None:
         if len(message.signature) != SIGNATURE_BYTES:
-            raise ProtocolError("consistency signature is malformed", sender=sender)
+            raise Misbehaviour("consistency signature is malformed", sender=sender)
         try:
             verify_signature(
                 self._roster.key(sender),
@@ -257,7 +283,7 @@ class CuratorSession:
                 message.signature,
             )
         except CryptoFailure as exc:
-            raise ProtocolError("consistency signature does not verify over U3", sender=sender) from exc
+            raise Misbehaviour("consistency signature does not verify over U3", sender=sender) from exc
         self._signatures[sender] = message.signature
 
     def _on_unmask(self, sender: int, message: UnmaskShares) -> None:
@@ -265,14 +291,14 @@ class CuratorSession:
         seed_owners = [item.owner for item in message.self_mask_shares]
         key_owners = [item.owner for item in message.key_shares]
         if len(set(seed_owners)) != len(seed_owners) or len(set(key_owners)) != len(key_owners):
-            raise ProtocolError("a share is revealed twice", sender=sender)
+            raise Misbehaviour("a share is revealed twice", sender=sender)
         if not set(seed_owners) <= want_seeds or not set(key_owners) <= want_keys:
-            raise ProtocolError("revealed shares that were not asked for", sender=sender)
+            raise Misbehaviour("revealed shares that were not asked for", sender=sender)
         try:
             seeds = {item.owner: decode_share(item.share) for item in message.self_mask_shares}
             keys = {item.owner: decode_share(item.share) for item in message.key_shares}
         except ValueError as exc:
-            raise ProtocolError(f"malformed share: {exc}", sender=sender) from exc
+            raise Misbehaviour(f"malformed share: {exc}", sender=sender) from exc
         for owner, value in seeds.items():
             self._seed_shares.setdefault(owner, {})[sender] = value
         for owner, value in keys.items():
@@ -298,7 +324,7 @@ class CuratorSession:
         return out
 
     def _after_advertise(self) -> list[Outgoing]:
-        self._neighbours = neighbourhoods(self.config, self._adverts)
+        self._neighbours = advertised_neighbourhoods(self.config, self._adverts)
         adverts = tuple(self._adverts[u] for u in sorted(self._adverts))
         return [
             Outgoing(

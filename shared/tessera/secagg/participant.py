@@ -35,6 +35,7 @@ from tessera.crypto import (
     CryptoFailure,
     RandomSource,
     SigningKey,
+    check_agreement_public_key,
     open_sealed,
     seal,
     system_random,
@@ -45,13 +46,14 @@ from tessera.secagg._common import (
     SHARE_PLAINTEXT_BYTES,
     add_pairwise_mask,
     add_self_mask,
+    advertised_neighbourhoods,
     encode_share_plaintext,
     pairwise_seed,
     seed_commitment,
     share_associated_data,
     share_key,
 )
-from tessera.secagg.config import AggregationConfig, ParticipantPolicy, Roster, neighbourhoods
+from tessera.secagg.config import AggregationConfig, ParticipantPolicy, Roster
 from tessera.secagg.messages import (
     Abort,
     AdvertisedKeys,
@@ -155,7 +157,12 @@ class ParticipantSession:
             raise ProtocolError(
                 f"{type(message).__name__} is not expected in state {self.state.value}", sender="curator"
             )
-        return handler(self, message)
+        try:
+            return handler(self, message)
+        except CryptoFailure as exc:  # never let a crypto error out as anything but the session's own
+            raise ProtocolError(
+                f"{type(message).__name__} failed a cryptographic check: {exc}", sender="curator"
+            ) from exc
 
     def _check_ids(self, message: CuratorMessage) -> None:
         if message.ids != self.config.ids:
@@ -225,6 +232,16 @@ class ParticipantSession:
                 raise ProtocolError(
                     f"advertisement of participant {u} has a bad signature", sender="curator"
                 ) from exc
+            try:
+                check_agreement_public_key(advert.encryption_key)
+                check_agreement_public_key(advert.masking_key)
+            except CryptoFailure as exc:
+                # Signed by u itself, so u is hostile, and an honest curator leaves such an advertiser out
+                # of U1: this curator forwarded it. Refuse the round (nothing has been revealed yet).
+                raise ProtocolError(
+                    f"advertisement of participant {u} carries a low-order or invalid X25519 key",
+                    sender="curator",
+                ) from exc
             adverts[u] = advert
         own = self._advertised[self.index]
         if adverts.get(self.index) != own:
@@ -236,7 +253,7 @@ class ParticipantSession:
                 f"|U1| = {len(adverts)} is below the threshold {config.threshold}", sender="curator"
             )
 
-        neighbours = neighbourhoods(config, adverts)[self.index]
+        neighbours = advertised_neighbourhoods(config, adverts)[self.index]
         holders = sorted(neighbours | {self.index})
         threshold = config.share_threshold(len(adverts))
         assert self._masking_key is not None and self._encryption_key is not None
@@ -274,7 +291,10 @@ class ParticipantSession:
         """
         if self.state is not ParticipantState.SHARED or self._premasked is not None:
             return False
-        self._premasked = self._mask(self._neighbours)
+        try:
+            self._premasked = self._mask(self._neighbours)
+        except CryptoFailure:  # cannot happen with validated keys; ForwardedShares would report it
+            return False
         self._premasked_peers = self._neighbours
         return True
 
@@ -326,11 +346,15 @@ class ParticipantSession:
         else:
             # Masked ahead against all neighbours in U1: take out the masks of those not in U2. (u2 is a
             # subset of the neighbours plus this participant: strangers were refused above.)
-            masked, self._premasked = self._premasked, None
-            for v in sorted(self._premasked_peers - u2):
-                seed = pairwise_seed(
+            # Seeds first: the only step that can fail, and it must fail before anything changes.
+            gone = {
+                v: pairwise_seed(
                     self._masking_key, self._advertised[v].masking_key, config.ids, self.index, v
                 )
+                for v in sorted(self._premasked_peers - u2)
+            }
+            masked, self._premasked = self._premasked, None
+            for v, seed in gone.items():
                 # Adding the pair's mask with the roles swapped is subtracting it.
                 add_pairwise_mask(masked, seed, own=v, peer=self.index, ring_bits=config.ring_bits)
         self._held = held

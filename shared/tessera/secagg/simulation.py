@@ -70,6 +70,8 @@ class SimulationResult:
     bytes_down: dict[int, int] = field(default_factory=dict)
     curator_view: list[tuple[int, ParticipantMessage]] = field(default_factory=list)
     bad_share_senders: frozenset[int] = frozenset()
+    # The graph the curator derived after AdvertiseKeys (everyone but itself, for the full graph).
+    neighbours: Mapping[int, frozenset[int]] = field(default_factory=dict)
     participant_errors: list[tuple[int, ProtocolError]] = field(default_factory=list)
     curator_errors: list[tuple[int, ProtocolError]] = field(default_factory=list)
 
@@ -197,6 +199,7 @@ def simulate(
     result.curator_seconds = dict(curator_seconds)
     result.bytes_up = dict(bytes_up)
     result.bytes_down = dict(bytes_down)
+    result.neighbours = dict(curator.neighbours)
     if curator.result is not None:
         result.total = curator.result.total
         result.survivors = curator.result.survivors
