@@ -26,10 +26,20 @@ def say(message: str) -> None:
 
 
 def privacy_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The participants' ``privacy`` settings from a benchmark's command line (``--dp``, ``--epsilon``,
+    """The participants' ``privacy`` settings from a benchmark's command line (``--privacy``, ``--epsilon``,
     ``--delta``, the training options); DP-SGD plans its budget for ``--rounds``."""
+    if args.privacy == "distributed":
+        weights = None if args.class_weight == 1.0 else [1.0] * (args.num_classes - 1) + [args.class_weight]
+        return {
+            "enabled": True,
+            "target_epsilon": args.epsilon,
+            "delta": args.delta,
+            "planned_rounds": args.rounds,
+            "batch_size": args.batch_size,
+            "class_weights": weights,
+        }
     return {
-        "enabled": args.dp == "on",
+        "enabled": args.privacy == "local",
         "target_epsilon": args.epsilon,
         "delta": args.delta,
         "max_grad_norm": args.max_grad_norm,
@@ -109,6 +119,8 @@ def run_federation(
     secagg: dict[str, Any],
     privacy: dict[str, Any],
     roster: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
+    privacy_per_org: Mapping[str, dict[str, Any]] | None = None,
     data: Mapping[str, dict[str, Any]],
     curator_validation: Any = None,
     validation_settings: dict[str, Any] | None = None,
@@ -159,6 +171,7 @@ def run_federation(
             secagg=secagg,
             validation=validation_settings,
             roster_fingerprint=fingerprint,
+            server=server or {},
         )
         participants = {
             o: ParticipantSettings(
@@ -168,7 +181,7 @@ def run_federation(
                 identity_key_file=str(work / "federation" / "keys" / f"{o}.key"),
                 state_dir=str(work / "participants" / o),
                 data=data[o],
-                privacy=privacy,
+                privacy={**privacy, **(privacy_per_org or {}).get(o, {})},
                 training_seed=training_seed * 1000 + i,
             )
             for i, o in enumerate(organisations)

@@ -84,9 +84,11 @@ PHYSICS_REFERENCE = (
 )
 TYPES = ("L", "M", "H")
 
-# Tuned; see bench/README.md for the runs behind them.
+# Tuned; see bench/README.md for the runs behind them. "local" is local DP-SGD at each manufacturer (the old
+# "--dp on"), "off" the non-private reference, "distributed" distributed DP-SGD under secure aggregation, and
+# "central" central DP-SGD over the union of the four manufacturers' data (the yardstick, not deployable).
 PRESETS: dict[str, dict[str, Any]] = {
-    "on": {
+    "local": {
         "rounds": 100,
         "local_epochs": 1.0,
         "batch_size": 250,
@@ -108,7 +110,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hidden": "32,32",
         "features": "physics",
     },
+    "distributed": {
+        "rounds": 600,  # DP-SGD steps of the federation, one per aggregation
+        "local_epochs": 1.0,  # unused
+        "batch_size": 250,  # each manufacturer's expected batch (q = 0.125)
+        "lr": 0.5,  # the curator's SGD step
+        "momentum": 0.9,
+        "clip": 2.0,  # unused (the update is not quantised)
+        "max_grad_norm": 1.0,  # C, per-example clipping norm
+        "hidden": "128",
+        "features": "physics",
+    },
 }
+PRESETS["central"] = dict(PRESETS["distributed"])
 
 
 def encoding(features: str) -> Any:
@@ -167,7 +181,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dp", choices=["on", "off"], default="on", help="DP-SGD (epsilon 3) or none")
+    parser.add_argument(
+        "--privacy",
+        choices=["local", "distributed", "central", "off"],
+        default=None,
+        help="local DP-SGD at each manufacturer (default), distributed DP-SGD under secure aggregation, central "
+        "DP-SGD over the union (a yardstick), or none",
+    )
+    parser.add_argument(
+        "--dp", choices=["on", "off"], default=None, help="old spelling: on = local, off = off"
+    )
+    parser.add_argument(
+        "--class-weight", type=float, default=1.0, help="weight of the failure class in the loss"
+    )
+    parser.add_argument(
+        "--noise-multiplier", type=float, help="distributed/central: default planned for --epsilon"
+    )
+    parser.add_argument(
+        "--evaluate-every", type=int, default=10, help="distributed/central: rounds between evaluations"
+    )
+    parser.add_argument(
+        "--lr-decay-steps", type=float, default=1.0, help="distributed/central: per-step lr decay"
+    )
+    parser.add_argument(
+        "--threshold-fraction", type=float, help="distributed: the roster's threshold fraction"
+    )
+    parser.add_argument("--colluders", type=int, default=0, help="distributed: survivors that may collude")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--local-epochs", type=float)
     parser.add_argument("--batch-size", type=int)
@@ -192,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, help="the shared data folder (holds ai4i2020/)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    for key, value in PRESETS[args.dp].items():
+    if args.privacy is None:
+        args.privacy = {"on": "local", "off": "off", None: "local"}[args.dp]
+    args.dp = "off" if args.privacy == "off" else "on"
+    args.num_classes = 2
+    for key, value in PRESETS[args.privacy].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     hidden = [int(h) for h in str(args.hidden).split(",") if h]
@@ -251,33 +294,170 @@ def main(argv: list[str] | None = None) -> int:
                 f"{organisation}: IDs {min(ids)}-{max(ids)}, {len(part)} records, {int(dataset.y.sum())} failures, "
                 f"types {types}; train {len(train)}, validation {len(validation)} ({int(validation.y.sum())} failures)"
             )
-        settings_used = {k: getattr(args, k) for k in PRESETS["on"]}
-        settings_used.update(activation=args.activation)
-        say(f"settings: dp={args.dp} {json.dumps(settings_used)}")
-        document, wall = run_federation(
-            federation="ai4i",
-            organisations=organisations,
-            datasets=datasets,
-            model={
-                "name": "mlp",
-                "kwargs": {
-                    "input_dim": shared_encoding.width,
-                    "hidden": hidden,
-                    "num_classes": 2,
-                    "activation": args.activation,
-                },
+        settings_used = {k: getattr(args, k) for k in PRESETS["local"]}
+        settings_used.update(activation=args.activation, class_weight=args.class_weight)
+        model_spec = {
+            "name": "mlp",
+            "kwargs": {
+                "input_dim": len(shared_encoding.output_names()),
+                "hidden": hidden,
+                "num_classes": 2,
+                "activation": args.activation,
             },
-            num_classes=2,
-            rounds=args.rounds,
-            secagg={"phase_timeout": 60},
-            roster={"layout": {"clip": args.clip}},
-            privacy=privacy_settings(args),
-            data=data_settings,
-            training_seed=args.seed,
-            model_seed=args.seed,
-            label=f"ai4i dp={args.dp}",
+        }
+        extra: dict[str, Any] = {}
+        if args.privacy in ("distributed", "central"):
+            q = args.batch_size / min(len(t) for t, _ in datasets.values())
+            z = args.noise_multiplier or planned_noise(args, q, model_spec)
+            settings_used.update(noise_multiplier=z, sample_rate=q, evaluate_every=args.evaluate_every)
+            extra = {"noise_multiplier": z, "sample_rate": q}
+        say(f"settings: privacy={args.privacy} {json.dumps(settings_used)}")
+        if args.privacy == "central":
+            document, wall = run_central(args, datasets, model_spec, extra["noise_multiplier"])
+        else:
+            document, wall = run_federation(
+                **federation_arguments(args, organisations, datasets, data_settings, model_spec, extra)
+            )
+    history = [r for r in document["history"] if r.get("evaluated_examples")]
+    return report(args, document, history, wall, shares, shared_encoding, settings_used)
+
+
+def planned_noise(args: argparse.Namespace, q: float, model_spec: dict[str, Any]) -> float:
+    """The noise multiplier that keeps --rounds steps at q within --epsilon (Skellam accountant for the
+    distributed mode, Opacus' Gaussian RDP for the central reference)."""
+    if args.privacy == "central":
+        from _central import gaussian_noise_multiplier
+
+        return gaussian_noise_multiplier(
+            sample_rate=q, steps=args.rounds, epsilon=args.epsilon, delta=args.delta
         )
-    history = document["history"]
+    from tessera.models import ModelSpec, build_model
+    from tessera.skellam import plan_noise_multiplier
+
+    model = build_model(ModelSpec.model_validate(model_spec))
+    return plan_noise_multiplier(
+        clip=args.max_grad_norm,
+        scale=4096 / args.max_grad_norm,
+        dimension=sum(p.numel() for p in model.parameters()),
+        sample_rate=q,
+        steps=args.rounds,
+        target_epsilon=args.epsilon,
+        delta=args.delta,
+    )
+
+
+def federation_arguments(
+    args: argparse.Namespace,
+    organisations: list[str],
+    datasets: dict[str, Any],
+    data_settings: dict[str, Any],
+    model_spec: dict[str, Any],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    roster: dict[str, Any] = {"layout": {"clip": args.clip}}
+    server: dict[str, Any] = {}
+    if args.privacy == "distributed":
+        roster = {
+            "layout": {"ring_bits": 64},
+            "threshold_fraction": args.threshold_fraction,
+            "privacy": {
+                "mode": "distributed",
+                "noise_multiplier": extra["noise_multiplier"],
+                "clip_norm": args.max_grad_norm,
+                "colluders": args.colluders,
+            },
+        }
+        server = {
+            "lr": args.lr,
+            "momentum": args.momentum,
+            "lr_decay": args.lr_decay_steps,
+            "evaluate_every": args.evaluate_every,
+        }
+    return {
+        "federation": "ai4i",
+        "organisations": organisations,
+        "datasets": datasets,
+        "model": model_spec,
+        "num_classes": 2,
+        "rounds": args.rounds,
+        "secagg": {"phase_timeout": 60},
+        "roster": roster,
+        "server": server,
+        "privacy": privacy_settings(args),
+        "data": data_settings,
+        "training_seed": args.seed,
+        "model_seed": args.seed,
+        "label": f"ai4i privacy={args.privacy}",
+    }
+
+
+def run_central(
+    args: argparse.Namespace, datasets: dict[str, Any], model_spec: dict[str, Any], noise_multiplier: float
+) -> tuple[dict[str, Any], float]:
+    """Central DP-SGD over the union of the training splits, evaluated on the same validation splits (the
+    confusion matrices summed, as the secure evaluation sums them)."""
+    import time
+
+    import torch
+    from _central import central_dpsgd, gaussian_epsilon
+    from tessera.curator.records import Evaluation
+    from tessera.data import ArrayDataset
+    from tessera.evaluation import EvalCounts
+    from tessera.inference import evaluate
+    from tessera.models import ModelSpec, build_model
+
+    union = ArrayDataset(
+        np.concatenate([t.x for t, _ in datasets.values()]),
+        np.concatenate([t.y for t, _ in datasets.values()]),
+    )
+    torch.manual_seed(args.seed)
+    model = build_model(ModelSpec.model_validate(model_spec))
+    q = args.batch_size * len(datasets) / len(union)
+    weights = None if args.class_weight == 1.0 else (1.0, args.class_weight)
+
+    def evaluation(m: Any) -> dict[str, Any]:
+        total = EvalCounts.zero(2)
+        for _, validation in datasets.values():
+            total = total + evaluate(m, validation, 2)
+        return Evaluation.of(total).to_json()
+
+    started = time.monotonic()
+    records = central_dpsgd(
+        model,
+        union,
+        sample_rate=q,
+        steps=args.rounds,
+        clip=args.max_grad_norm,
+        noise_multiplier=noise_multiplier,
+        lr=args.lr,
+        momentum=args.momentum,
+        lr_decay=args.lr_decay_steps,
+        class_weights=weights,
+        evaluate=evaluation,
+        evaluate_every=args.evaluate_every,
+        seed=args.seed,
+        progress=say,
+    )
+    eps = gaussian_epsilon(
+        noise_multiplier=noise_multiplier, sample_rate=q, steps=args.rounds, delta=args.delta
+    )
+    history = [
+        {**r, "round": r["step"], "epsilon_mean": eps, "clipped_fraction": 0.0, "seconds": {}}
+        for r in records
+    ]
+    document = {"history": history, "rounds_completed": args.rounds, "stop_reason": "central reference"}
+    return document, time.monotonic() - started
+
+
+def report(
+    args: argparse.Namespace,
+    document: dict[str, Any],
+    history: list[dict[str, Any]],
+    wall: float,
+    shares: list[dict[str, Any]],
+    shared_encoding: Any,
+    settings_used: dict[str, Any],
+) -> int:
     per_round = [
         {
             "round": r["round"],
@@ -286,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             "failure_precision": r["precision"][1],
             "failure_f1": r["f1"][1],
             "confusion": r["confusion"],
-            "epsilon_mean": r["epsilon_mean"] if args.dp == "on" else None,
+            "epsilon_mean": r["epsilon_mean"] if args.privacy != "off" else None,
             "clipped_fraction": r["clipped_fraction"],
             "seconds": round(round_seconds(r), 3),
         }
@@ -295,9 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     last = per_round[-1]
     figures = {
         "benchmark": "ai4i2020",
-        "dp": args.dp,
-        "target_epsilon": args.epsilon if args.dp == "on" else None,
-        "delta": args.delta if args.dp == "on" else None,
+        "privacy": args.privacy,
+        "target_epsilon": args.epsilon if args.privacy != "off" else None,
+        "delta": args.delta if args.privacy != "off" else None,
         "manufacturers": shares,
         "encoding": shared_encoding.model_dump(mode="json"),
         "settings": settings_used,
@@ -310,13 +490,15 @@ def main(argv: list[str] | None = None) -> int:
         "failure_f1": last["failure_f1"],
         "confusion": last["confusion"],
         "confusion_note": "rows = true class (0 no failure, 1 failure), columns = predicted; summed securely",
-        "last_10_rounds_mean": {
+        "last_10_evaluations_mean": {
             key: round(statistics.fmean(r[key] for r in per_round[-10:]), 4)
             for key in ("accuracy", "failure_recall", "failure_precision", "failure_f1")
         },
         "epsilon_spent_mean": last["epsilon_mean"],
         "max_clipped_fraction": max(r["clipped_fraction"] for r in per_round),
-        "seconds_per_round_median": round(statistics.median(r["seconds"] for r in per_round), 3),
+        "seconds_per_round_median": round(
+            statistics.median(round_seconds(r) for r in document["history"]), 3
+        ),
         "wall_s": round(wall, 1),
         "per_round": per_round,
     }

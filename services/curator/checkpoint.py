@@ -43,6 +43,8 @@ class CuratorState:
     unresponsive: tuple[str, ...] = ()
     # Organisations excluded for repeated misbehaviour, with the reason (see Attendance).
     excluded: dict[str, str] = field(default_factory=dict)
+    # The server optimiser's momentum buffer (distributed privacy mode), saved in the same write.
+    momentum: npt.NDArray[np.float64] | None = None
 
     def document(self) -> dict[str, Any]:
         return {
@@ -63,9 +65,13 @@ class CuratorState:
 def save(state_dir: Path, state: CuratorState, *, report_extra: dict[str, Any] | None = None) -> None:
     """Write the checkpoint atomically, then the report derived from it."""
     meta = json.dumps(state.document(), allow_nan=False).encode()
-    atomic_write_arrays(
-        state_dir / CHECKPOINT, weights=state.weights, meta=np.frombuffer(meta, dtype=np.uint8)
-    )
+    arrays: dict[str, npt.NDArray[Any]] = {
+        "weights": state.weights,
+        "meta": np.frombuffer(meta, dtype=np.uint8),
+    }
+    if state.momentum is not None:
+        arrays["momentum"] = state.momentum
+    atomic_write_arrays(state_dir / CHECKPOINT, **arrays)
     atomic_write_json(state_dir / REPORT, {**state.document(), **(report_extra or {})})
 
 
@@ -78,6 +84,7 @@ def load(state_dir: Path) -> CuratorState | None:
         with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as archive:
             weights = archive["weights"].astype(np.float32)
             meta = json.loads(archive["meta"].tobytes().decode())
+            momentum = archive["momentum"].astype(np.float64) if "momentum" in archive.files else None
     except (
         OSError,
         ValueError,
@@ -104,6 +111,7 @@ def load(state_dir: Path) -> CuratorState | None:
             restarts=int(meta.get("restarts", 0)),
             unresponsive=tuple(meta.get("unresponsive", ())),
             excluded=dict(meta.get("excluded", {})),
+            momentum=momentum,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConfigurationError(

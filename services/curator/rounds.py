@@ -31,11 +31,11 @@ from tessera.bus import CuratorBus
 from tessera.data import ArrayDataset
 from tessera.envelope import seal
 from tessera.errors import ConfigurationError
-from tessera.fedavg import Aggregate
+from tessera.fedavg import Aggregate, IntegerAggregate
 from tessera.inference import evaluate
 from tessera.models import build_model, flatten_parameters, load_flat_parameters, model_fingerprint
 from tessera.observability import CuratorMetricsSink
-from tessera.roster import RosterFile
+from tessera.roster import PrivacyMode, RosterFile
 from tessera.secagg.config import AggregationConfig, Graph, SessionIds
 from tessera.secagg.curator import CuratorSession, PhaseTimeouts
 from tessera.secagg.wire import WireLimits
@@ -44,10 +44,14 @@ from . import checkpoint
 from .aggregation import AggregationDriver, AggregationOutcome
 from .attendance import Attendance
 from .inbox import CuratorInbox
+from .optimizer import ServerSgd
 from .records import Evaluation, RoundRecord, Status
 from .settings import CuratorSettings
 
 log = structlog.get_logger("tessera.curator")
+
+PLOT_INTERVAL = 30.0
+"""Seconds between two redraws of report.png (report.json is rewritten after every round)."""
 
 
 class Curator:
@@ -81,16 +85,17 @@ class Curator:
         self.roster_fingerprint = roster.fingerprint()
         self.parameters = roster.parameters
         self.min_participants = self._min_participants()
-        self.layout = roster.update_layout(
-            num_params=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-            num_classes=settings.num_classes,
-        )
+        num_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.layout = roster.update_layout(num_params=num_params, num_classes=settings.num_classes)
+        self.distributed = roster.parameters.privacy.mode is PrivacyMode.DISTRIBUTED
+        self.mechanism = roster.parameters.privacy.mechanism(num_params) if self.distributed else None
         self.limits = WireLimits(
             max_participants=len(roster.members),
             vector_length=self.layout.length,
             ring_bits=self.layout.ring_bits,
         )
         self.state = self._restore()
+        self.optimizer = ServerSgd(settings.server, self.state.momentum)
         rounds = settings.rounds
         self.attendance = Attendance(
             roster.organisations,
@@ -121,6 +126,7 @@ class Curator:
             clock=clock,
         )
         self.metrics = metrics
+        self._plotted = -PLOT_INTERVAL
 
     @property
     def active(self) -> set[str]:
@@ -197,6 +203,7 @@ class Curator:
             model_fingerprint=self.fingerprint,
             layout=protocol.LayoutHeader.of(self.layout),
             roster_fingerprint=self.roster_fingerprint,
+            evaluate=self._evaluates(round_number),
         )
         sealed = seal(announcement, protocol.weights_to_bytes(self.state.weights))
         self.inbox.broadcast(sealed, audience=len(self.active))
@@ -254,7 +261,7 @@ class Curator:
             participants=indices,
             vector_length=self.layout.length,
             ring_bits=self.layout.ring_bits,
-            threshold=rules.threshold(n),
+            threshold=self._threshold(n),
             graph=graph,
             neighbours=rules.neighbours_for(n) if graph is Graph.SPARSE else None,
             # Mixed into the graph seed with the advertisements (which do not exist yet): not a choice of ours.
@@ -272,8 +279,26 @@ class Curator:
 
     def _complete(self, round_number: int, attempt: int, outcome: AggregationOutcome) -> None:
         assert outcome.result is not None
-        aggregate = self.layout.decode(outcome.result.total)
-        self.state.weights = (self.state.weights + aggregate.mean_update).astype(np.float32)
+        aggregate: Aggregate | IntegerAggregate
+        if self.mechanism is None:
+            aggregate = self.layout.decode(outcome.result.total)
+            self.state.weights = (self.state.weights + aggregate.mean_update).astype(np.float32)
+        else:
+            aggregate = self.layout.decode_integer_sum(outcome.result.total)
+            # The DP estimate of the mean clipped gradient: the noised integer sum over γ and Σ q_i n_i.
+            gradient = aggregate.values / (self.mechanism.scale * max(1, aggregate.total_weight))
+            self.state.weights = self.optimizer.step(self.state.weights, gradient, step_number=round_number)
+            self.state.momentum = self.optimizer.buffer
+            honest = outcome.result.survivors
+            log.info(
+                "noise_surplus",
+                survivors=len(honest),
+                factor=round(
+                    len(honest)
+                    / max(1, self._threshold(len(outcome.invited)) - self.parameters.privacy.colluders),
+                    3,
+                ),
+            )
         record = self._record(round_number, attempt, outcome, aggregate)
         self.state.history.append(record)
         self.state.rounds_completed = round_number
@@ -294,7 +319,11 @@ class Curator:
     # --- bookkeeping ------------------------------------------------------------------------------------------
 
     def _record(
-        self, round_number: int, attempt: int, outcome: AggregationOutcome, aggregate: Aggregate
+        self,
+        round_number: int,
+        attempt: int,
+        outcome: AggregationOutcome,
+        aggregate: Aggregate | IntegerAggregate,
     ) -> RoundRecord:
         survivors = len(outcome.survivors)
         return RoundRecord(
@@ -310,7 +339,7 @@ class Curator:
             non_private_participants=aggregate.non_private,
             left=self.attendance.take_left(),
             seconds={k: round(v, 3) for k, v in outcome.phase_seconds.items()},
-            curator_validation=self._validate(),
+            curator_validation=self._validate() if self._evaluates(round_number) else None,
         )
 
     def _validate(self) -> Evaluation | None:
@@ -338,8 +367,17 @@ class Curator:
     def _finish(self, reason: str) -> None:
         self.state.status = Status.FINISHED
         self.state.stop_reason = reason
-        self._save()
+        self._save(final=True)
         log.info("federation_finished", reason=reason, rounds_completed=self.state.rounds_completed)
+
+    def _evaluates(self, round_number: int) -> bool:
+        """Whether participants evaluate the model announced in ``round_number``."""
+        every = self.settings.server.evaluate_every
+        last = round_number == self.settings.rounds.max_rounds
+        return round_number == 1 or last or round_number % every == 0
+
+    def _threshold(self, invited: int) -> int:
+        return self.parameters.rules().threshold(invited)
 
     def _min_participants(self) -> int:
         floor = self.roster.parameters.min_participants
@@ -376,10 +414,15 @@ class Curator:
         log.info("federation_resumed", rounds_completed=saved.rounds_completed, status=saved.status.value)
         return saved
 
-    def _save(self) -> None:
+    def _save(self, *, final: bool = False) -> None:
         self.state.unresponsive = tuple(sorted(self.attendance.unresponsive & self.attendance.active))
         self.state.excluded = dict(self.attendance.excluded)
         checkpoint.save(self.settings.state_dir, self.state, report_extra=self._report_extra())
+        # Drawing the plot costs about half a second: at most every PLOT_INTERVAL, and at the end (distributed
+        # DP-SGD completes a round every fraction of a second).
+        if not final and self.clock() - self._plotted < PLOT_INTERVAL:
+            return
+        self._plotted = self.clock()
         try:
             from tessera.report import write_plot
 

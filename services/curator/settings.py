@@ -81,6 +81,30 @@ class SecAggSettings(BaseModel):
     )
 
 
+class ServerOptimizerSettings(BaseModel):
+    """How the curator steps the global model in the distributed privacy mode (post-processing of a DP
+    value: it costs no privacy). Unused in the local mode, where the update is the federated average."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lr: float = Field(
+        default=1.0, gt=0, description="learning rate of the curator's SGD step (distributed mode)"
+    )
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="SGD momentum (distributed mode)")
+    lr_decay: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="the learning rate of step s is lr * lr_decay^(s-1) (distributed mode)",
+    )
+    evaluate_every: int = Field(
+        default=1,
+        ge=1,
+        description="participants evaluate the announced model every this many rounds (and in the first and "
+        "the last); distributed DP-SGD runs hundreds of short rounds",
+    )
+
+
 class ValidationSetSettings(BaseModel):
     """An optional validation set the curator holds itself (public or synthetic data)."""
 
@@ -115,6 +139,7 @@ class CuratorSettings(BaseSettings):
     num_classes: int = Field(ge=2, description="number of classes of the task")
     rounds: RoundSettings = Field(default_factory=RoundSettings)
     secagg: SecAggSettings = Field(default_factory=SecAggSettings)
+    server: ServerOptimizerSettings = Field(default_factory=ServerOptimizerSettings)
     validation: ValidationSetSettings | None = Field(default=None, description="curator-held validation set")
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
@@ -139,6 +164,7 @@ __all__ = [
     "CuratorSettings",
     "RoundSettings",
     "SecAggSettings",
+    "ServerOptimizerSettings",
     "ValidationSetSettings",
     "load_curator_settings",
 ]

@@ -23,7 +23,6 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +33,7 @@ from tessera.crypto import SigningKey, key_fingerprint
 from tessera.data import ArrayDataset
 from tessera.envelope import Admitted, Refused, Sealed, admit, seal, seal_secagg
 from tessera.errors import ConfigurationError, ProtocolError
+from tessera.evaluation import EvalCounts
 from tessera.fedavg import UpdateLayout
 from tessera.inference import evaluate
 from tessera.models import build_model, load_flat_parameters, model_fingerprint
@@ -54,7 +54,7 @@ from torch import nn
 
 from .plan import training_mode
 from .settings import ParticipantSettings
-from .training import TrainingMode, train_one_round
+from .training import Contribution, RoundInputs, TrainingMode
 
 log = structlog.get_logger("tessera.participant")
 
@@ -72,7 +72,7 @@ class _Work:
     round: int
     weights_digest: bytes
     layout: UpdateLayout
-    vector: npt.NDArray[np.unsignedinteger[Any]]
+    contribution: Contribution
     revealed: bool = False
 
 
@@ -121,7 +121,14 @@ class Participant:
         self.heartbeat = heartbeat
         self.model: nn.Module = build_model(settings.model, allowed_imports=settings.allowed_imports)
         self.fingerprint = model_fingerprint(settings.model, self.model)
-        self.mode = mode or training_mode(settings.privacy, train=train, state_dir=settings.state_dir)
+        self.mode = mode or training_mode(
+            settings.privacy,
+            train=train,
+            state_dir=settings.state_dir,
+            roster=roster,
+            num_params=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            seed=settings.training_seed,
+        )
         self._report_epsilon()
         self._work: _Work | None = None
         self._announcement: protocol.RoundAnnouncement | None = None
@@ -208,6 +215,7 @@ class Participant:
             raise ProtocolError(f"stale announcement of round {header.round} during round {current.round}")
         if header.aggregation in self._announced:
             raise ProtocolError(f"repeated announcement of aggregation {header.aggregation}")
+        weights = protocol.weights_from_bytes(payload)  # refused before anything below changes state
         if current is None or header.round > current.round:
             self._announced.clear()
         self._announced.add(header.aggregation)
@@ -218,7 +226,6 @@ class Participant:
             self._leave(protocol.LeaveReason.MODEL_REFUSED, refusal)
             return Exit.MODEL_REFUSED
         layout = header.layout.layout()
-        weights = protocol.weights_from_bytes(payload)
         digest = hashlib.sha256(payload).digest()
         self._announcement = header
         self._session = None
@@ -235,7 +242,7 @@ class Participant:
         if not reusable:
             if self._budget_spent():
                 return Exit.BUDGET_EXHAUSTED
-            self._work = self._compute(header.round, digest, layout, weights)
+            self._work = self._compute(header, digest, weights)
         else:
             log.info("update_reused", attempt=header.attempt)
         self._send(
@@ -295,40 +302,39 @@ class Participant:
         return True
 
     def _compute(
-        self, round_number: int, digest: bytes, layout: UpdateLayout, weights: npt.NDArray[np.float32]
+        self, header: protocol.RoundAnnouncement, digest: bytes, weights: npt.NDArray[np.float32]
     ) -> _Work:
-        structlog.contextvars.bind_contextvars(phase="evaluate")
+        round_number = header.round
+        layout = header.layout.layout()
         load_flat_parameters(self.model, weights)
-        evaluation = evaluate(self.model, self.validation, self.settings.num_classes)
+        structlog.contextvars.bind_contextvars(phase="evaluate")
+        evaluation = (
+            evaluate(self.model, self.validation, self.settings.num_classes)
+            if header.evaluate
+            else EvalCounts.zero(self.settings.num_classes)
+        )
         structlog.contextvars.bind_contextvars(phase="train")
         privacy = self.settings.privacy
-        lr = privacy.round_lr(round_number)
         started = time.monotonic()
-        result = train_one_round(
+        contribution = self.mode.contribute(
             self.model,
             self.train_data,
-            self.mode,
-            rng_seed=None
-            if self.settings.training_seed is None
-            else self.settings.training_seed + round_number,
-            lr=lr,
-            momentum=privacy.momentum,
-        )
-        update = result.weights.astype(np.float64) - weights.astype(np.float64)
-        vector, clipped = layout.encode(
-            update, weight=len(self.train_data), evaluation=evaluation, epsilon=result.epsilon, rng=self._rng
+            RoundInputs(
+                weights=weights,
+                layout=layout,
+                evaluation=evaluation,
+                round_number=round_number,
+                lr=privacy.round_lr(round_number),
+                momentum=privacy.momentum,
+                rng_seed=None
+                if self.settings.training_seed is None
+                else self.settings.training_seed + round_number,
+                quantisation_rng=self._rng,
+            ),
         )
         self.metrics.trained(time.monotonic() - started)
         self._report_epsilon()
-        log.info(
-            "trained",
-            steps=result.steps,
-            lr=lr,
-            seconds=round(result.seconds, 2),
-            epsilon=None if result.epsilon is None else round(result.epsilon, 4),
-            clipped=clipped,
-        )
-        return _Work(round=round_number, weights_digest=digest, layout=layout, vector=vector)
+        return _Work(round=round_number, weights_digest=digest, layout=layout, contribution=contribution)
 
     def _report_epsilon(self) -> None:
         spent, target = self.mode.epsilon(), self.mode.target_epsilon
@@ -385,7 +391,7 @@ class Participant:
                     ring_bits=layout.ring_bits,
                     rules=self.roster.parameters.rules(),
                 ),
-                vector=self._work.vector,
+                vector=self._work.contribution.vector(message.config),
             )
         if session is None:
             raise ProtocolError(f"{type(message).__name__} outside an aggregation")

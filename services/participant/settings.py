@@ -82,7 +82,14 @@ class PrivacySettings(BaseModel):
         "the noise per step is fixed by the budget, so smaller late steps average more of it away",
     )
     momentum: float = Field(default=0.0, ge=0, lt=1, description="local SGD momentum")
-    accountant: Literal["rdp", "prv"] = Field(default="rdp", description="privacy accountant")
+    accountant: Literal["rdp", "prv"] = Field(
+        default="rdp", description="privacy accountant of the local mode (the distributed mode's is skellam)"
+    )
+    class_weights: tuple[float, ...] | None = Field(
+        default=None,
+        description="distributed mode: weight of each class in the per-example loss, before per-example "
+        "clipping (the DP guarantee is per record whatever the weights)",
+    )
 
     def round_lr(self, round_number: int) -> float:
         """The local learning rate of federated round ``round_number`` (1-based)."""

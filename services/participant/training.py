@@ -66,7 +66,11 @@ from opacus.validators.errors import UnsupportedModuleError
 from tessera.data import ArrayDataset
 from tessera.dp import PersistentAccountant, PrivacyBudget, steps_for_epochs
 from tessera.errors import ConfigurationError, LocalUsageError
+from tessera.evaluation import EvalCounts
+from tessera.fedavg import UpdateLayout
 from tessera.models import flatten_parameters, trainable_parameters
+from tessera.secagg.config import AggregationConfig
+from tessera.secagg.messages import RingVector
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -147,14 +151,66 @@ class PreparedRound:
     finish: Callable[[], None] = field(default=lambda: None)
 
 
+class Contribution(ABC):
+    """What a participant submits to one round, ready to be turned into a ring vector once the
+    aggregation's configuration is known (the distributed mode's noise share depends on its threshold)."""
+
+    epsilon: float | None
+
+    @abstractmethod
+    def vector(self, config: AggregationConfig) -> RingVector:
+        """The ring vector for the aggregation ``config``; ProtocolError if it cannot be submitted to it."""
+
+
+@dataclass
+class FixedContribution(Contribution):
+    """A vector computed once (the local modes: the encoded, weighted update)."""
+
+    encoded: RingVector
+    epsilon: float | None
+
+    def vector(self, config: AggregationConfig) -> RingVector:
+        return self.encoded
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundInputs:
+    """Everything a mode may use to make its contribution to one round."""
+
+    weights: npt.NDArray[np.float32]  # the announced global model, already loaded into ``model``
+    layout: UpdateLayout
+    evaluation: EvalCounts
+    round_number: int
+    lr: float
+    momentum: float
+    rng_seed: int | None
+    quantisation_rng: np.random.Generator
+
+
 class TrainingMode(ABC):
-    """How a participant trains in one round. Subclasses fix the sampling, the optimiser wrapper and what
-    is recorded before the first step; :func:`train_one_round` does the rest."""
+    """How a participant turns the announced global model into its contribution to one round: one class per
+    privacy mode (non-private and local DP-SGD below; distributed DP-SGD in ``.distributed``)."""
 
     private: ClassVar[bool]
     noise_multiplier: float | None = None
     sample_rate: float | None = None
     target_epsilon: float | None = None
+
+    @abstractmethod
+    def contribute(self, model: nn.Module, train_data: ArrayDataset, inputs: RoundInputs) -> Contribution:
+        """This organisation's contribution; raises LocalUsageError (nothing recorded) past the budget."""
+
+    def refusal(self) -> str | None:
+        """Why one more round must not be trained (its privacy budget would be exceeded), or None."""
+        return None
+
+    def epsilon(self) -> float | None:
+        """ε spent so far (None when the mode is not differentially private)."""
+        return None
+
+
+class LocalTraining(TrainingMode):
+    """Modes that train a copy of the model for a round and submit the weighted update (FedAvg)."""
 
     @abstractmethod
     def prepare(
@@ -168,16 +224,30 @@ class TrainingMode(ABC):
     ) -> PreparedRound:
         """Set up one round on ``model`` (a private copy); raise before anything is recorded if it cannot run."""
 
-    def refusal(self) -> str | None:
-        """Why one more round must not be trained (its privacy budget would be exceeded), or None."""
-        return None
+    def contribute(self, model: nn.Module, train_data: ArrayDataset, inputs: RoundInputs) -> Contribution:
+        result = train_one_round(
+            model, train_data, self, rng_seed=inputs.rng_seed, lr=inputs.lr, momentum=inputs.momentum
+        )
+        update = result.weights.astype(np.float64) - inputs.weights.astype(np.float64)
+        vector, clipped = inputs.layout.encode(
+            update,
+            weight=len(train_data),
+            evaluation=inputs.evaluation,
+            epsilon=result.epsilon,
+            rng=inputs.quantisation_rng,
+        )
+        log.info(
+            "trained",
+            steps=result.steps,
+            lr=inputs.lr,
+            seconds=round(result.seconds, 2),
+            epsilon=None if result.epsilon is None else round(result.epsilon, 4),
+            clipped=clipped,
+        )
+        return FixedContribution(vector, result.epsilon)
 
-    def epsilon(self) -> float | None:
-        """ε spent so far (None when the mode is not differentially private)."""
-        return None
 
-
-class NonPrivate(TrainingMode):
+class NonPrivate(LocalTraining):
     """Plain mini-batch SGD over shuffled data, ``epochs`` passes per round: NO differential privacy."""
 
     private = False
@@ -213,7 +283,7 @@ class NonPrivate(TrainingMode):
         return PreparedRound(model=model, optimizer=optimizer, loader=loader, steps=steps)
 
 
-class LocalDpSgd(TrainingMode):
+class LocalDpSgd(LocalTraining):
     """DP-SGD at this organisation (Opacus): Poisson sampling at the budget's rate, per-example clipping,
     Gaussian noise of ``noise_multiplier × max_grad_norm``; each round is recorded in the persistent
     accountant before its first step."""
@@ -374,7 +444,7 @@ def _run_epoch(
 def train_one_round(
     model: nn.Module,
     train_data: ArrayDataset,
-    mode: TrainingMode,
+    mode: LocalTraining,
     *,
     rng_seed: int | None,
     lr: float,
@@ -418,9 +488,13 @@ def train_one_round(
 
 
 __all__ = [
+    "Contribution",
+    "FixedContribution",
     "LocalDpSgd",
+    "LocalTraining",
     "NonPrivate",
     "PreparedRound",
+    "RoundInputs",
     "TrainResult",
     "TrainingMode",
     "default_num_threads",

@@ -45,19 +45,26 @@ from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tessera import skellam
 from tessera.errors import ConfigurationError, LocalUsageError
 from tessera.storage import atomic_write_bytes
 
-AccountantKind = Literal["rdp", "prv"]
-"""Accounting mechanisms we allow. Opacus' ``gdp`` is an asymptotic approximation, not an upper bound."""
+AccountantKind = Literal["rdp", "prv", "skellam"]
+"""Accounting mechanisms we allow: Opacus' ``rdp`` and ``prv`` for the (local) Gaussian mechanism, and
+``skellam`` for distributed DP-SGD's Poisson-subsampled Skellam mechanism (:mod:`tessera.skellam`). Opacus'
+``gdp`` is an asymptotic approximation, not an upper bound."""
 
 _FORMAT = "tessera.dp.accountant"
 _VERSION = 1
 # Fields of the budget that give ε its meaning: changing any of them under an existing history is refused.
 _PINNED_FIELDS = ("target_epsilon", "delta", "max_grad_norm")
 
-HistoryEntry = tuple[float, float, int]
-"""One accountant history entry: (noise multiplier σ, sample rate q, number of steps)."""
+HistoryEntry = tuple[float, ...]
+"""One accountant history entry. Gaussian mechanisms: (noise multiplier σ, sample rate q, steps); Skellam:
+(variance μ, L2 sensitivity Δ2, L1 sensitivity Δ1, sample rate q, steps). The last field is always the
+number of steps, the one before it the sample rate."""
+
+_ENTRY_FIELDS = {"rdp": 3, "prv": 3, "skellam": 5}
 
 
 def steps_for_epochs(epochs: float, *, n_train: int, batch_size: int) -> int:
@@ -120,6 +127,8 @@ def _epsilon_of(mechanism: AccountantKind, history: Sequence[HistoryEntry], delt
     """ε of a history under a mechanism; 0.0 for an empty history."""
     if not history:
         return 0.0
+    if mechanism == "skellam":
+        return skellam.epsilon([_skellam_entry(h) for h in history], delta)
     acc: IAccountant = create_accountant(mechanism=mechanism)
     acc.history = [tuple(h) for h in history]
     return float(acc.get_epsilon(delta=delta))
@@ -143,6 +152,11 @@ def plan_noise_multiplier(
             or train fewer steps).
     """
     mechanism = _check_mechanism(accountant)
+    if mechanism == "skellam":
+        raise ConfigurationError(
+            "the Skellam mechanism's noise is planned for the whole federation (tessera.skellam."
+            "plan_noise_multiplier, `tessera roster build --privacy-mode distributed`), not per organisation"
+        )
     tol = budget.target_epsilon / 1000 if epsilon_tolerance is None else epsilon_tolerance
     if not tol > 0:
         raise ConfigurationError(f"epsilon_tolerance must be > 0, got {tol}")
@@ -179,24 +193,44 @@ def _canonical(obj: Any) -> bytes:
 
 
 def _merge(history: list[HistoryEntry], entry: HistoryEntry) -> list[HistoryEntry]:
-    """Append an entry, merging with the last one when σ and q are equal (as Opacus' ``step`` does)."""
+    """Append an entry, merging with the last one when all but the step count are equal (as Opacus'
+    ``step`` does)."""
     out = list(history)
-    if out and out[-1][0] == entry[0] and out[-1][1] == entry[1]:
-        sigma, q, steps = out.pop()
-        out.append((sigma, q, steps + entry[2]))
+    if out and out[-1][:-1] == entry[:-1]:
+        last = out.pop()
+        out.append((*last[:-1], int(last[-1]) + int(entry[-1])))
     else:
         out.append(entry)
     return out
 
 
 def _validate_entry(noise_multiplier: float, sample_rate: float, steps: int) -> HistoryEntry:
+    """A Gaussian entry (σ, q, steps)."""
+    return _validate("rdp", (noise_multiplier, sample_rate, steps))
+
+
+def _validate(mechanism: str, entry: Sequence[Any]) -> HistoryEntry:
+    """Check an entry of ``mechanism``'s history; LocalUsageError names the bad field."""
+    if len(entry) != _ENTRY_FIELDS[mechanism]:
+        raise LocalUsageError(
+            f"a {mechanism} history entry has {_ENTRY_FIELDS[mechanism]} fields, got {entry!r}"
+        )
+    *scales, sample_rate, steps = entry
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise LocalUsageError(f"steps must be a positive integer, got {steps!r}")
-    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-        raise LocalUsageError(f"noise_multiplier must be finite and > 0, got {noise_multiplier!r}")
-    if not (0 < sample_rate <= 1):
+    for name, value in zip(
+        ("noise_multiplier",) if mechanism != "skellam" else ("variance", "l2", "l1"), scales, strict=True
+    ):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise LocalUsageError(f"{name} must be finite and > 0, got {value!r}")
+    if not (isinstance(sample_rate, int | float) and 0 < sample_rate <= 1):
         raise LocalUsageError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    return (float(noise_multiplier), float(sample_rate), int(steps))
+    return (*(float(v) for v in scales), float(sample_rate), int(steps))
+
+
+def _skellam_entry(entry: HistoryEntry) -> skellam.SkellamEntry:
+    variance, l2, l1, q, steps = entry
+    return (variance, l2, l1, q, int(steps))
 
 
 class PersistentAccountant:
@@ -309,7 +343,7 @@ class PersistentAccountant:
     @property
     def total_steps(self) -> int:
         """DP-SGD steps recorded so far."""
-        return sum(h[2] for h in self._history)
+        return sum(int(h[-1]) for h in self._history)
 
     def epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default: the budget's δ); 0.0 before the first round."""
@@ -317,9 +351,19 @@ class PersistentAccountant:
 
     def would_exceed(self, noise_multiplier: float, sample_rate: float, steps: int) -> bool:
         """Whether one more round of ``steps`` steps at (σ, q) would push ε above the target ε."""
-        entry = _validate_entry(noise_multiplier, sample_rate, steps)
-        eps = _epsilon_of(self._mechanism, _merge(self._history, entry), self._budget.delta)
+        return self.would_exceed_entry((noise_multiplier, sample_rate, steps))
+
+    def would_exceed_entry(self, entry: Sequence[Any]) -> bool:
+        """Whether recording ``entry`` (see :data:`HistoryEntry`) would push ε above the target ε."""
+        checked = _validate(self._mechanism, entry)
+        eps = _epsilon_of(self._mechanism, _merge(self._history, checked), self._budget.delta)
         return eps > self._budget.target_epsilon
+
+    def epsilon_after(self, entry: Sequence[Any]) -> float:
+        """ε the history would have with ``entry`` recorded (nothing is recorded)."""
+        return _epsilon_of(
+            self._mechanism, _merge(self._history, _validate(self._mechanism, entry)), self._budget.delta
+        )
 
     # -- updates -----------------------------------------------------------------------------------
 
@@ -334,12 +378,17 @@ class PersistentAccountant:
                 :meth:`would_exceed` first; the budget is spent, stop training).
             OSError: the file could not be written.
         """
-        entry = _validate_entry(noise_multiplier, sample_rate, steps)
-        new_history = _merge(self._history, entry)
+        return self.record_entry((noise_multiplier, sample_rate, steps))
+
+    def record_entry(self, entry: Sequence[Any]) -> float:
+        """Record ``entry`` (see :data:`HistoryEntry`) as one round, save the file, return ε after it.
+        The same contract as :meth:`record_round`."""
+        checked = _validate(self._mechanism, entry)
+        new_history = _merge(self._history, checked)
         eps = _epsilon_of(self._mechanism, new_history, self._budget.delta)
         if eps > self._budget.target_epsilon:
             raise LocalUsageError(
-                f"recording {steps} steps at σ={noise_multiplier}, q={sample_rate} would spend ε={eps:.4g} "
+                f"recording {checked[-1]} steps ({self._mechanism} entry {checked}) would spend ε={eps:.4g} "
                 f"> target {self._budget.target_epsilon} (after {self._rounds_done} rounds); "
                 "the privacy budget is spent"
             )
@@ -402,9 +451,9 @@ def _parse(path: Path, raw: bytes) -> dict[str, Any]:
             raise ValueError("rounds_done is not a non-negative integer")
         history: list[HistoryEntry] = []
         for item in doc["history"]:
-            if not (isinstance(item, list) and len(item) == 3):
+            if not isinstance(item, list):
                 raise ValueError(f"bad history entry {item!r}")
-            history.append(_validate_entry(float(item[0]), float(item[1]), item[2]))
+            history.append(_validate(mechanism, [*(float(v) for v in item[:-1]), item[-1]] if item else item))
     except (KeyError, TypeError, ValueError, ValidationError, LocalUsageError) as exc:
         raise _corrupt(path, str(exc)) from exc
     return {

@@ -53,6 +53,19 @@ class Aggregate:
     non_private: int  # how many participants of the round trained without differential privacy
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class IntegerAggregate:
+    """What the curator learns from one step of distributed DP-SGD: the summed integer gradients plus
+    noise (signed), the summed expected batch sizes, and the summed counts."""
+
+    values: npt.NDArray[np.int64]
+    total_weight: int
+    evaluation: EvalCounts
+    clipped: int
+    epsilon_sum: float
+    non_private: int
+
+
 @dataclass(frozen=True, kw_only=True)
 class UpdateLayout:
     """Positions of every field in the submitted vector; see the module docstring."""
@@ -90,27 +103,18 @@ class UpdateLayout:
     def _base(self) -> int:
         return self.quantizer.max_integer + 1
 
-    def encode(
+    def _counts_into(
         self,
-        update: npt.NDArray[np.floating[Any]],
+        vector: npt.NDArray[np.unsignedinteger[Any]],
         *,
         weight: int,
         evaluation: EvalCounts,
+        clipped: int,
         epsilon: float | None,
-        rng: np.random.Generator,
-    ) -> tuple[npt.NDArray[np.unsignedinteger[Any]], int]:
-        """The ring vector for one participant, and how many update coordinates were clipped.
-
-        ``epsilon`` is the participant's privacy spend so far, or None when it trains without DP (which the
-        curator then learns only as a count of such participants in the round).
-        """
-        if update.shape != (self.num_params,):
-            raise LocalUsageError(f"update has shape {update.shape}, the layout expects ({self.num_params},)")
+    ) -> None:
         if evaluation.confusion.shape != (self.num_classes, self.num_classes):
             raise LocalUsageError(f"confusion matrix must be {self.num_classes}x{self.num_classes}")
         quantizer = self.quantizer
-        vector = np.empty(self.length, dtype=quantizer.dtype)
-        clipped = quantizer.encode_into(update, vector[: self.num_params], weight=weight, rng=rng)
         loss = min(evaluation.loss_sum, MAX_LOSS_PER_EXAMPLE * evaluation.total)
         counts = np.concatenate(
             [
@@ -131,32 +135,83 @@ class UpdateLayout:
             raise LocalUsageError("a count is too large for this layout's bit budget")
         digits = np.stack([high, low], axis=1).ravel()
         vector[self.num_params :] = quantizer.encode_integers(digits)
+
+    def encode_integer_update(
+        self,
+        values: npt.NDArray[np.int64],
+        *,
+        weight: int,
+        evaluation: EvalCounts,
+        epsilon: float,
+        bound: int,
+    ) -> npt.NDArray[np.unsignedinteger[Any]]:
+        """The ring vector of distributed DP-SGD: the integer gradient sum plus noise share ``values`` in two's
+        complement (each |value| <= ``bound``, which the caller derived from its overflow analysis), then
+        the counts. ``weight`` is the expected batch size, revealed only as a sum."""
+        if values.shape != (self.num_params,) or values.dtype != np.int64:
+            raise LocalUsageError(f"values must be int64 of shape ({self.num_params},)")
+        if self.ring_bits != 64:
+            raise LocalUsageError("integer updates travel in the 64-bit ring")
+        if int(np.abs(values).max(initial=0)) > bound:
+            raise LocalUsageError(f"a value exceeds the bound {bound} the overflow analysis allows")
+        vector = np.empty(self.length, dtype=np.uint64)
+        vector[: self.num_params] = values.view(np.uint64)
+        self._counts_into(vector, weight=weight, evaluation=evaluation, clipped=0, epsilon=epsilon)
+        return vector
+
+    def decode_integer_sum(self, total: npt.NDArray[np.unsignedinteger[Any]]) -> IntegerAggregate:
+        """The summed integer gradient (as signed integers) and the summed counts of distributed DP-SGD."""
+        if total.shape != (self.length,) or total.dtype != np.uint64:
+            raise LocalUsageError(f"sum must be uint64 of shape ({self.length},)")
+        counts = self._decode_counts(total)
+        return IntegerAggregate(values=total[: self.num_params].view(np.int64).copy(), **counts)
+
+    def _decode_counts(self, total: npt.NDArray[np.unsignedinteger[Any]]) -> dict[str, Any]:
+        digits = self.quantizer.decode_integers(total[self.num_params :]).reshape(-1, 2)
+        counts = digits[:, 0] * self._base + digits[:, 1]
+        weight, correct, seen, loss = (int(v) for v in counts[:4])
+        c = self.num_classes
+        confusion = counts[4 : 4 + c * c].reshape(c, c).astype(np.int64)
+        return {
+            "total_weight": weight,
+            "evaluation": EvalCounts(correct, seen, loss / LOSS_SCALE, confusion),
+            "clipped": int(counts[4 + c * c]),
+            "epsilon_sum": int(counts[5 + c * c]) / EPSILON_SCALE,
+            "non_private": int(counts[6 + c * c]),
+        }
+
+    def encode(
+        self,
+        update: npt.NDArray[np.floating[Any]],
+        *,
+        weight: int,
+        evaluation: EvalCounts,
+        epsilon: float | None,
+        rng: np.random.Generator,
+    ) -> tuple[npt.NDArray[np.unsignedinteger[Any]], int]:
+        """The ring vector for one participant, and how many update coordinates were clipped.
+
+        ``epsilon`` is the participant's privacy spend so far, or None when it trains without DP (which the
+        curator then learns only as a count of such participants in the round).
+        """
+        if update.shape != (self.num_params,):
+            raise LocalUsageError(f"update has shape {update.shape}, the layout expects ({self.num_params},)")
+        if evaluation.confusion.shape != (self.num_classes, self.num_classes):
+            raise LocalUsageError(f"confusion matrix must be {self.num_classes}x{self.num_classes}")
+        vector = np.empty(self.length, dtype=self.quantizer.dtype)
+        clipped = self.quantizer.encode_into(update, vector[: self.num_params], weight=weight, rng=rng)
+        self._counts_into(vector, weight=weight, evaluation=evaluation, clipped=clipped, epsilon=epsilon)
         return vector, clipped
 
     def decode(self, total: npt.NDArray[np.unsignedinteger[Any]]) -> Aggregate:
         """Read the federated average and the summed metrics from the secure sum."""
         if total.shape != (self.length,):
             raise LocalUsageError(f"sum has shape {total.shape}, the layout expects ({self.length},)")
-        quantizer = self.quantizer
-        weighted = quantizer.decode_sum(total[: self.num_params])
-        digits = quantizer.decode_integers(total[self.num_params :]).reshape(-1, 2)
-        counts = digits[:, 0] * self._base + digits[:, 1]
-        weight, correct, seen, loss = (int(v) for v in counts[:4])
-        c = self.num_classes
-        confusion = counts[4 : 4 + c * c].reshape(c, c).astype(np.int64)
-        clipped = int(counts[4 + c * c])
-        epsilon_sum = int(counts[5 + c * c]) / EPSILON_SCALE
-        non_private = int(counts[6 + c * c])
+        weighted = self.quantizer.decode_sum(total[: self.num_params])
+        counts = self._decode_counts(total)
+        weight = counts["total_weight"]
         mean = weighted / weight if weight > 0 else np.zeros(self.num_params)
-        evaluation = EvalCounts(correct, seen, loss / LOSS_SCALE, confusion)
-        return Aggregate(
-            mean_update=mean,
-            total_weight=weight,
-            evaluation=evaluation,
-            clipped=clipped,
-            epsilon_sum=epsilon_sum,
-            non_private=non_private,
-        )
+        return Aggregate(mean_update=mean, **counts)
 
 
 def largest_value_bits(*, ring_bits: RingBits, max_weight: int, max_participants: int) -> int:
@@ -165,4 +220,11 @@ def largest_value_bits(*, ring_bits: RingBits, max_weight: int, max_participants
     return min(53, ring_bits - probe.weight_bits - probe.participant_bits - 1)
 
 
-__all__ = ["EPSILON_SCALE", "LOSS_SCALE", "Aggregate", "UpdateLayout", "largest_value_bits"]
+__all__ = [
+    "EPSILON_SCALE",
+    "LOSS_SCALE",
+    "Aggregate",
+    "IntegerAggregate",
+    "UpdateLayout",
+    "largest_value_bits",
+]

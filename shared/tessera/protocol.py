@@ -88,6 +88,9 @@ class RoundAnnouncement(_Header):
     layout: LayoutHeader
     # The roster the curator runs with: a participant takes part only under the roster it pinned.
     roster_fingerprint: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    # Whether participants evaluate the announced model this round (distributed DP-SGD runs hundreds of short
+    # rounds and evaluates every few); without it the evaluation counts are zero.
+    evaluate: bool = True
 
 
 class Ready(_Header):

@@ -52,6 +52,7 @@ from tessera.crypto import CryptoFailure, SigningKey, check_identity_public_key,
 from tessera.errors import ConfigurationError
 from tessera.fedavg import UpdateLayout, largest_value_bits
 from tessera.secagg.config import ID_PATTERN, AggregationRules, Graph, Roster
+from tessera.skellam import SkellamMechanism
 from tessera.storage import atomic_write_bytes
 
 RESERVED_IDS = frozenset({"curator", "guest", "all", "selected"})
@@ -97,12 +98,62 @@ class PrivacyMode(enum.Enum):
     """Where the differential-privacy noise comes from (docs/privacy-modes.md)."""
 
     LOCAL = "local"  # each organisation's DP-SGD adds all of its own noise to its update
+    DISTRIBUTED = (
+        "distributed"  # one DP-SGD step per aggregation; noise shares add up under secure aggregation
+    )
 
 
 class PrivacyParameters(BaseModel):
+    """The privacy mode, and for distributed DP-SGD the mechanism every organisation runs
+    (:mod:`tessera.skellam`): clipping norm C, resolution γC, noise multiplier z of the aggregate noise, and
+    how many colluding survivors T the noise must withstand."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    mode: PrivacyMode = Field(default=PrivacyMode.LOCAL, description="local: DP-SGD at each organisation")
+    mode: PrivacyMode = Field(default=PrivacyMode.LOCAL, description="local or distributed")
+    noise_multiplier: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="distributed: the aggregate noise's standard deviation in units of the L2 sensitivity",
+    )
+    clip_norm: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="distributed: per-example gradient clipping norm C",
+    )
+    resolution: float = Field(
+        default=4096.0,
+        ge=16,
+        le=2.0**20,
+        description="distributed: integer units per clipping norm (the scale γ is resolution / C)",
+    )
+    colluders: int = Field(
+        default=0, ge=0, description="distributed: survivors that may collude with the curator (T)"
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> PrivacyParameters:
+        distributed = self.mode is PrivacyMode.DISTRIBUTED
+        if distributed and (self.noise_multiplier is None or self.clip_norm is None):
+            raise ValueError("the distributed mode needs noise_multiplier and clip_norm")
+        if not distributed and (
+            self.noise_multiplier is not None or self.clip_norm is not None or self.colluders
+        ):
+            raise ValueError("noise_multiplier, clip_norm and colluders apply to the distributed mode only")
+        return self
+
+    def mechanism(self, dimension: int) -> SkellamMechanism:
+        """The distributed mechanism for a model of ``dimension`` parameters."""
+        if self.noise_multiplier is None or self.clip_norm is None:
+            raise ConfigurationError("the local privacy mode has no federation-wide mechanism")
+        return SkellamMechanism(
+            clip=self.clip_norm,
+            scale=self.resolution / self.clip_norm,
+            dimension=dimension,
+            noise_multiplier=self.noise_multiplier,
+        )
 
 
 class FederationParameters(BaseModel):
@@ -137,6 +188,15 @@ class FederationParameters(BaseModel):
 
     @model_validator(mode="after")
     def _neighbours_even(self) -> FederationParameters:
+        if self.privacy.mode is PrivacyMode.DISTRIBUTED and self.layout.ring_bits != 64:
+            raise ValueError(
+                "the distributed privacy mode needs layout.ring_bits 64 (integer sums of gradients)"
+            )
+        if self.privacy.colluders >= self.min_participants:
+            raise ValueError(
+                f"privacy.colluders {self.privacy.colluders} must be below min_participants "
+                f"{self.min_participants}: the noise would rest on nobody"
+            )
         if self.neighbours is not None and self.neighbours % 2:
             raise ValueError(f"neighbours must be even, got {self.neighbours}")
         if self.neighbours is not None and self.graph is Graph.FULL:
