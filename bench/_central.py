@@ -43,12 +43,12 @@ def central_dpsgd(
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place; returns one record per evaluation (``step`` plus what ``evaluate`` gives)."""
     from tessera.curator.optimizer import ServerSgd
-    from tessera.curator.settings import ServerOptimizerSettings
+    from tessera.curator.settings import ServerSettings
 
     torch.set_num_threads(1)  # as the participants: two threads on two busy cores are slower than one
     rng = np.random.default_rng(seed)
     noise = torch.Generator().manual_seed(seed)
-    optimizer = ServerSgd(ServerOptimizerSettings(lr=lr, momentum=momentum, lr_decay=lr_decay))
+    optimizer = ServerSgd(ServerSettings(lr=lr, momentum=momentum, lr_decay=lr_decay))
     weights = flatten_parameters(model)
     expected = sample_rate * len(train)
     history: list[dict[str, Any]] = []

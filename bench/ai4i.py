@@ -207,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         "--threshold-fraction", type=float, help="distributed: the roster's threshold fraction"
     )
     parser.add_argument("--colluders", type=int, default=0, help="distributed: survivors that may collude")
+    parser.add_argument(
+        "--decision-threshold",
+        type=float,
+        help="predict a failure from this probability on (default: argmax)",
+    )
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--local-epochs", type=float)
     parser.add_argument("--batch-size", type=int)
@@ -295,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"types {types}; train {len(train)}, validation {len(validation)} ({int(validation.y.sum())} failures)"
             )
         settings_used = {k: getattr(args, k) for k in PRESETS["local"]}
-        settings_used.update(activation=args.activation, class_weight=args.class_weight)
+        settings_used.update(
+            activation=args.activation,
+            class_weight=args.class_weight,
+            decision_threshold=args.decision_threshold,
+        )
         model_spec = {
             "name": "mlp",
             "kwargs": {
@@ -373,6 +382,7 @@ def federation_arguments(
             "lr_decay": args.lr_decay_steps,
             "evaluate_every": args.evaluate_every,
         }
+    server["decision_threshold"] = args.decision_threshold
     return {
         "federation": "ai4i",
         "organisations": organisations,
@@ -418,7 +428,7 @@ def run_central(
     def evaluation(m: Any) -> dict[str, Any]:
         total = EvalCounts.zero(2)
         for _, validation in datasets.values():
-            total = total + evaluate(m, validation, 2)
+            total = total + evaluate(m, validation, 2, decision_threshold=args.decision_threshold)
         return Evaluation.of(total).to_json()
 
     started = time.monotonic()

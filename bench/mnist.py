@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hidden": 64,
         "activation": "relu",
     },
-    "on": {
+    "local": {
         "rounds": 20,
         "local_epochs": 1.0,
         "batch_size": 512,
@@ -65,14 +65,50 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hidden": 32,
         "activation": "relu",
     },
+    # One DP-SGD step of the federation per round; every organisation samples at the same rate q, so the
+    # expected batch over the union is q * 54,000 (--sample-rate); the curator's SGD takes lr and momentum.
+    "distributed": {
+        "rounds": 1500,
+        "local_epochs": 1.0,  # unused
+        "batch_size": 0,  # unused: each organisation's batch is q * its size
+        "lr": 2.0,
+        "lr_decay": 1.0,
+        "momentum": 0.9,
+        "clip": 1.0,  # unused
+        "max_grad_norm": 0.1,
+        "hidden": 32,
+        "activation": "relu",
+    },
 }
+PRESETS["central"] = dict(PRESETS["distributed"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dp", choices=["off", "on"], default="off", help="DP-SGD (epsilon 3) or none")
+    parser.add_argument(
+        "--privacy",
+        choices=["off", "local", "distributed", "central"],
+        default=None,
+        help="none (default), local DP-SGD, distributed DP-SGD under secure aggregation, or central DP-SGD over "
+        "the union (a yardstick, not deployable)",
+    )
+    parser.add_argument(
+        "--dp", choices=["off", "on"], default=None, help="old spelling: on = local, off = off"
+    )
+    parser.add_argument("--sample-rate", type=float, default=0.02, help="distributed/central: Poisson rate q")
+    parser.add_argument(
+        "--noise-multiplier", type=float, help="distributed/central: default planned for --epsilon"
+    )
+    parser.add_argument(
+        "--evaluate-every", type=int, default=50, help="distributed/central: rounds between tests"
+    )
+    parser.add_argument(
+        "--threshold-fraction", type=float, help="distributed: the roster's threshold fraction"
+    )
+    parser.add_argument("--colluders", type=int, default=0, help="distributed: survivors that may collude")
+    parser.add_argument("--class-weight", type=float, default=1.0, help="unused for MNIST (balanced classes)")
     parser.add_argument("--rounds", type=int, help="federated rounds (DP: the budget is planned for them)")
     parser.add_argument("--local-epochs", type=float, help="local epochs per round")
     parser.add_argument("--batch-size", type=int, help="(expected, Poisson under DP) batch size")
@@ -92,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, help="the shared data folder (holds mnist/)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    preset = PRESETS[args.dp]
+    if args.privacy is None:
+        args.privacy = {"on": "local", "off": "off", None: "off"}[args.dp]
+    args.dp = "off" if args.privacy == "off" else "on"
+    args.num_classes = 10
+    preset = PRESETS[args.privacy]
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -118,35 +158,90 @@ def main(argv: list[str] | None = None) -> int:
         + f"; curator holds the {len(test)} test images"
     )
     settings = {k: getattr(args, k) for k in PRESETS["off"]}
-    say(f"settings: dp={args.dp} {json.dumps(settings)}")
+    model_spec = {
+        "name": "cnn28",
+        "kwargs": {"num_classes": 10, "hidden": args.hidden, "activation": args.activation},
+    }
     started = time.monotonic()
-    document, wall = run_federation(
-        federation="mnist",
-        organisations=organisations,
-        datasets=datasets,
-        model={
-            "name": "cnn28",
-            "kwargs": {"num_classes": 10, "hidden": args.hidden, "activation": args.activation},
-        },
-        num_classes=10,
-        rounds=args.rounds,
-        secagg={"phase_timeout": 120},
-        roster={"layout": {"clip": args.clip, "ring_bits": args.ring_bits}},
-        privacy=privacy_settings(args),
-        data={o: {"path": str(train_images)} for o in organisations},
-        curator_validation=test,
-        validation_settings={"path": str(test_images), "labels_path": str(test_labels)},
-        training_seed=args.seed,
-        model_seed=args.seed,
-        label=f"mnist dp={args.dp}",
-    )
-    history = document["history"]
+    if args.privacy in ("distributed", "central"):
+        union_size = sum(len(t) for t, _ in datasets.values())
+        batches = {o: max(1, round(args.sample_rate * len(t))) for o, (t, _) in datasets.items()}
+        q_max = max(batches[o] / len(t) for o, (t, _) in datasets.items())
+        z = args.noise_multiplier or planned_noise(args, q_max, model_spec)
+        settings.update(
+            sample_rate=args.sample_rate,
+            noise_multiplier=z,
+            evaluate_every=args.evaluate_every,
+            expected_batch=round(args.sample_rate * union_size),
+        )
+        say(f"settings: privacy={args.privacy} {json.dumps(settings)}")
+        if args.privacy == "central":
+            document, wall = run_central(args, datasets, test, model_spec, z)
+        else:
+            document, wall = run_federation(
+                federation="mnist",
+                organisations=organisations,
+                datasets=datasets,
+                model=model_spec,
+                num_classes=10,
+                rounds=args.rounds,
+                secagg={"phase_timeout": 120},
+                roster={
+                    "layout": {"ring_bits": 64},
+                    "threshold_fraction": args.threshold_fraction,
+                    "privacy": {
+                        "mode": "distributed",
+                        "noise_multiplier": z,
+                        "clip_norm": args.max_grad_norm,
+                        "colluders": args.colluders,
+                    },
+                },
+                server={
+                    "lr": args.lr,
+                    "momentum": args.momentum,
+                    "lr_decay": args.lr_decay,
+                    "evaluate_every": args.evaluate_every,
+                },
+                privacy={
+                    "enabled": True,
+                    "target_epsilon": args.epsilon,
+                    "delta": args.delta,
+                    "planned_rounds": args.rounds,
+                },
+                privacy_per_org={o: {"batch_size": b} for o, b in batches.items()},
+                data={o: {"path": str(train_images)} for o in organisations},
+                curator_validation=test,
+                validation_settings={"path": str(test_images), "labels_path": str(test_labels)},
+                training_seed=args.seed,
+                model_seed=args.seed,
+                label="mnist privacy=distributed",
+            )
+    else:
+        say(f"settings: privacy={args.privacy} {json.dumps(settings)}")
+        document, wall = run_federation(
+            federation="mnist",
+            organisations=organisations,
+            datasets=datasets,
+            model=model_spec,
+            num_classes=10,
+            rounds=args.rounds,
+            secagg={"phase_timeout": 120},
+            roster={"layout": {"clip": args.clip, "ring_bits": args.ring_bits}},
+            privacy=privacy_settings(args),
+            data={o: {"path": str(train_images)} for o in organisations},
+            curator_validation=test,
+            validation_settings={"path": str(test_images), "labels_path": str(test_labels)},
+            training_seed=args.seed,
+            model_seed=args.seed,
+            label=f"mnist privacy={args.privacy}",
+        )
+    history = [r for r in document["history"] if r.get("curator_validation")]
     per_round = [
         {
             "round": r["round"],
             "test_accuracy": r["curator_validation"]["accuracy"],
             "secure_averaged_accuracy": r["accuracy"],
-            "epsilon_mean": r["epsilon_mean"] if args.dp == "on" else None,
+            "epsilon_mean": r["epsilon_mean"] if args.privacy != "off" else None,
             "clipped_fraction": r["clipped_fraction"],
             "seconds": round(round_seconds(r), 2),
         }
@@ -154,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     figures = {
         "benchmark": "mnist",
-        "dp": args.dp,
-        "target_epsilon": args.epsilon if args.dp == "on" else None,
-        "delta": args.delta if args.dp == "on" else None,
+        "privacy": args.privacy,
+        "target_epsilon": args.epsilon if args.privacy != "off" else None,
+        "delta": args.delta if args.privacy != "off" else None,
         "organisations": ORGANISATIONS,
         "training_images": [len(t) for t, _ in datasets.values()],
         "settings": settings,
@@ -166,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         "best_test_accuracy": max((r["test_accuracy"] for r in per_round), default=None),
         "epsilon_spent_mean": per_round[-1]["epsilon_mean"] if per_round else None,
         "max_clipped_fraction": max((r["clipped_fraction"] for r in per_round), default=None),
-        "seconds_per_round_median": round(statistics.median(r["seconds"] for r in per_round), 2)
-        if per_round
+        "seconds_per_round_median": round(statistics.median(round_seconds(r) for r in document["history"]), 2)
+        if document["history"]
         else None,
         "wall_s": round(wall, 1),
         "total_s": round(time.monotonic() - started, 1),
@@ -186,6 +281,86 @@ def main(argv: list[str] | None = None) -> int:
             f"{figures['seconds_per_round_median']} s per round, {figures['wall_s']} s in all"
         )
     return 0
+
+
+def planned_noise(args: argparse.Namespace, q: float, model_spec: dict[str, Any]) -> float:
+    """The noise multiplier keeping --rounds steps at rate q within --epsilon (Skellam accountant for the
+    distributed mode, Opacus' Gaussian RDP for the central reference)."""
+    if args.privacy == "central":
+        from _central import gaussian_noise_multiplier
+
+        return gaussian_noise_multiplier(
+            sample_rate=q, steps=args.rounds, epsilon=args.epsilon, delta=args.delta
+        )
+    from tessera.models import ModelSpec, build_model
+    from tessera.skellam import plan_noise_multiplier
+
+    model = build_model(ModelSpec.model_validate(model_spec))
+    return plan_noise_multiplier(
+        clip=args.max_grad_norm,
+        scale=4096 / args.max_grad_norm,
+        dimension=sum(p.numel() for p in model.parameters()),
+        sample_rate=q,
+        steps=args.rounds,
+        target_epsilon=args.epsilon,
+        delta=args.delta,
+    )
+
+
+def run_central(
+    args: argparse.Namespace, datasets: dict[str, Any], test: Any, model_spec: dict[str, Any], z: float
+) -> tuple[dict[str, Any], float]:
+    """Central DP-SGD over the union of the training splits, tested on the 10,000 test images."""
+    import numpy as np
+    import torch
+    from _central import central_dpsgd, gaussian_epsilon
+    from tessera.curator.records import Evaluation
+    from tessera.data import ArrayDataset
+    from tessera.inference import evaluate
+    from tessera.models import ModelSpec, build_model
+
+    union = ArrayDataset(
+        np.concatenate([t.x for t, _ in datasets.values()]),
+        np.concatenate([t.y for t, _ in datasets.values()]),
+    )
+    torch.manual_seed(args.seed)
+    model = build_model(ModelSpec.model_validate(model_spec))
+    started = time.monotonic()
+    records = central_dpsgd(
+        model,
+        union,
+        sample_rate=args.sample_rate,
+        steps=args.rounds,
+        clip=args.max_grad_norm,
+        noise_multiplier=z,
+        lr=args.lr,
+        momentum=args.momentum,
+        lr_decay=args.lr_decay,
+        class_weights=None,
+        evaluate=lambda m: {"test_accuracy": Evaluation.of(evaluate(m, test, 10)).accuracy},
+        evaluate_every=args.evaluate_every,
+        seed=args.seed,
+        progress=say,
+    )
+    eps = gaussian_epsilon(
+        noise_multiplier=z, sample_rate=args.sample_rate, steps=args.rounds, delta=args.delta
+    )
+    history = [
+        {
+            "round": r["step"],
+            "curator_validation": {"accuracy": r["test_accuracy"]},
+            "accuracy": None,
+            "epsilon_mean": eps,
+            "clipped_fraction": 0.0,
+            "seconds": {},
+        }
+        for r in records
+    ]
+    return {
+        "history": history,
+        "rounds_completed": args.rounds,
+        "stop_reason": "central reference",
+    }, time.monotonic() - started
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from .settings import ServerOptimizerSettings
+from .settings import ServerSettings
 
 
 class ServerSgd:
     def __init__(
-        self, settings: ServerOptimizerSettings, buffer: npt.NDArray[np.float64] | None = None
+        self, settings: ServerSettings, buffer: npt.NDArray[np.float64] | None = None
     ) -> None:
         self.settings = settings
         self.buffer = buffer

@@ -204,6 +204,7 @@ class Curator:
             layout=protocol.LayoutHeader.of(self.layout),
             roster_fingerprint=self.roster_fingerprint,
             evaluate=self._evaluates(round_number),
+            decision_threshold=self.settings.server.decision_threshold,
         )
         sealed = seal(announcement, protocol.weights_to_bytes(self.state.weights))
         self.inbox.broadcast(sealed, audience=len(self.active))
@@ -347,7 +348,14 @@ class Curator:
         if self.validation is None:
             return None
         load_flat_parameters(self.model, self.state.weights)
-        return Evaluation.of(evaluate(self.model, self.validation, self.settings.num_classes))
+        return Evaluation.of(
+            evaluate(
+                self.model,
+                self.validation,
+                self.settings.num_classes,
+                decision_threshold=self.settings.server.decision_threshold,
+            )
+        )
 
     def _stop_reason(self) -> str | None:
         rounds = self.settings.rounds

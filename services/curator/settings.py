@@ -81,9 +81,10 @@ class SecAggSettings(BaseModel):
     )
 
 
-class ServerOptimizerSettings(BaseModel):
-    """How the curator steps the global model in the distributed privacy mode (post-processing of a DP
-    value: it costs no privacy). Unused in the local mode, where the update is the federated average."""
+class ServerSettings(BaseModel):
+    """The curator's own work on the model: its optimiser step in the distributed privacy mode
+    (post-processing of a DP value: it costs no privacy; unused in the local mode, where the update is the
+    federated average), and how the model is evaluated."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -96,6 +97,13 @@ class ServerOptimizerSettings(BaseModel):
         gt=0,
         le=1,
         description="the learning rate of step s is lr * lr_decay^(s-1) (distributed mode)",
+    )
+    decision_threshold: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="two-class tasks: participants (and the curator's validation) predict class 1 from this "
+        "probability on, instead of the most probable class; an evaluation setting, announced every round",
     )
     evaluate_every: int = Field(
         default=1,
@@ -139,7 +147,7 @@ class CuratorSettings(BaseSettings):
     num_classes: int = Field(ge=2, description="number of classes of the task")
     rounds: RoundSettings = Field(default_factory=RoundSettings)
     secagg: SecAggSettings = Field(default_factory=SecAggSettings)
-    server: ServerOptimizerSettings = Field(default_factory=ServerOptimizerSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
     validation: ValidationSetSettings | None = Field(default=None, description="curator-held validation set")
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
@@ -164,7 +172,7 @@ __all__ = [
     "CuratorSettings",
     "RoundSettings",
     "SecAggSettings",
-    "ServerOptimizerSettings",
+    "ServerSettings",
     "ValidationSetSettings",
     "load_curator_settings",
 ]

@@ -309,7 +309,12 @@ class Participant:
         load_flat_parameters(self.model, weights)
         structlog.contextvars.bind_contextvars(phase="evaluate")
         evaluation = (
-            evaluate(self.model, self.validation, self.settings.num_classes)
+            evaluate(
+                self.model,
+                self.validation,
+                self.settings.num_classes,
+                decision_threshold=header.decision_threshold,
+            )
             if header.evaluate
             else EvalCounts.zero(self.settings.num_classes)
         )

@@ -19,12 +19,25 @@ from tessera.evaluation import EvalCounts
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ArrayDataset, num_classes: int, *, batch_size: int = 1024) -> EvalCounts:
+def evaluate(
+    model: nn.Module,
+    data: ArrayDataset,
+    num_classes: int,
+    *,
+    batch_size: int = 1024,
+    decision_threshold: float | None = None,
+) -> EvalCounts:
     """Evaluate ``model`` on ``data`` (eval mode, no gradients; the training flag is restored).
 
+    Predictions are the most probable class, or, with ``decision_threshold`` (two classes only), class 1
+    whenever its softmax probability reaches the threshold: the operating point of a rare-event detector.
+
     Raises:
-        ConfigurationError: a label is ≥ ``num_classes`` or the model outputs a different number of classes.
+        ConfigurationError: a label is ≥ ``num_classes``, the model outputs a different number of classes,
+            or a decision threshold is given for more than two classes.
     """
+    if decision_threshold is not None and (num_classes != 2 or not 0 < decision_threshold < 1):
+        raise ConfigurationError("a decision threshold in (0, 1) applies to two-class tasks only")
     counts = EvalCounts.zero(num_classes)
     if len(data) == 0:
         return counts
@@ -44,7 +57,10 @@ def evaluate(model: nn.Module, data: ArrayDataset, num_classes: int, *, batch_si
                     f"model outputs shape {tuple(logits.shape)}, expected (batch, {num_classes})"
                 )
             loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
-            pred = logits.argmax(dim=1).numpy()
+            if decision_threshold is None:
+                pred = logits.argmax(dim=1).numpy()
+            else:
+                pred = (torch.softmax(logits, dim=1)[:, 1] >= decision_threshold).long().numpy()
             np.add.at(confusion, (yb.numpy(), pred), 1)
     finally:
         model.train(was_training)

@@ -91,6 +91,8 @@ class RoundAnnouncement(_Header):
     # Whether participants evaluate the announced model this round (distributed DP-SGD runs hundreds of short
     # rounds and evaluates every few); without it the evaluation counts are zero.
     evaluate: bool = True
+    # Two-class tasks: predict class 1 from this probability on (the curator's evaluation setting).
+    decision_threshold: Annotated[float, Field(gt=0, lt=1)] | None = None
 
 
 class Ready(_Header):
