@@ -118,7 +118,13 @@ def _roster_build(args: argparse.Namespace) -> int:
                 value_bits=args.value_bits,
                 max_weight=args.max_weight,
             ),
-            privacy=PrivacyParameters(mode=args.privacy_mode),
+            privacy=PrivacyParameters(
+                mode=args.privacy_mode,
+                noise_multiplier=args.noise_multiplier,
+                clip_norm=args.clip_norm,
+                resolution=args.resolution,
+                colluders=args.colluders,
+            ),
         )
     except ValueError as exc:
         raise ConfigurationError(f"roster parameters: {exc}") from exc
@@ -141,6 +147,34 @@ def _print_roster_fingerprint(roster: Any) -> None:
     print(f"  (to read out:     {display_fingerprint(roster.fingerprint())})")
     print("Every company checks its own key fingerprint above and pins the roster fingerprint")
     print("(TESSERA_ROSTER_FINGERPRINT, chart value roster.fingerprint) after comparing it out of band.")
+
+
+def _privacy_plan(args: argparse.Namespace) -> int:
+    from tessera.skellam import SkellamMechanism, epsilon, plan_noise_multiplier
+
+    z = plan_noise_multiplier(
+        clip=args.clip_norm,
+        scale=args.resolution / args.clip_norm,
+        dimension=args.parameters,
+        sample_rate=args.sample_rate,
+        steps=args.steps,
+        target_epsilon=args.target_epsilon,
+        delta=args.delta,
+    )
+    m = SkellamMechanism(
+        clip=args.clip_norm,
+        scale=args.resolution / args.clip_norm,
+        dimension=args.parameters,
+        noise_multiplier=z,
+    )
+    spent = epsilon([m.entry(args.sample_rate, args.steps)], args.delta)
+    print(
+        f"noise multiplier {z:.6g}: {args.steps} steps at q = {args.sample_rate:g} spend epsilon {spent:.4f} at delta {args.delta:g}"
+    )
+    print(
+        f"  roster: tessera roster build ... --privacy-mode distributed --noise-multiplier {z:.6g} --clip-norm {args.clip_norm:g}"
+    )
+    return 0
 
 
 def _roster_init_demo(args: argparse.Namespace) -> int:
@@ -296,8 +330,36 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--clip", type=float, default=0.5, help="update coordinates are clipped to ±clip")
     build.add_argument("--value-bits", type=int, default=None)
     build.add_argument("--max-weight", type=int, default=65_535)
-    build.add_argument("--privacy-mode", choices=["local"], default="local")
+    build.add_argument("--privacy-mode", choices=["local", "distributed"], default="local")
+    build.add_argument(
+        "--noise-multiplier",
+        type=float,
+        default=None,
+        help="distributed: aggregate noise (`tessera privacy plan`)",
+    )
+    build.add_argument(
+        "--clip-norm", type=float, default=None, help="distributed: per-example clipping norm C"
+    )
+    build.add_argument("--resolution", type=float, default=4096.0, help="distributed: integer units per C")
+    build.add_argument("--colluders", type=int, default=0, help="distributed: survivors that may collude (T)")
     build.set_defaults(handler=_roster_build)
+
+    privacy = commands.add_parser("privacy", help="plan the distributed mode's noise").add_subparsers(
+        dest="privacy_command", required=True
+    )
+    plan = privacy.add_parser(
+        "plan", help="the smallest noise multiplier that keeps the planned steps within a target epsilon"
+    )
+    plan.add_argument("--target-epsilon", type=float, required=True)
+    plan.add_argument("--delta", type=float, required=True)
+    plan.add_argument(
+        "--sample-rate", type=float, required=True, help="the largest q = batch / records of any member"
+    )
+    plan.add_argument("--steps", type=int, required=True, help="planned DP-SGD steps (rounds)")
+    plan.add_argument("--parameters", type=int, required=True, help="trainable parameters of the model")
+    plan.add_argument("--clip-norm", type=float, required=True)
+    plan.add_argument("--resolution", type=float, default=4096.0)
+    plan.set_defaults(handler=_privacy_plan)
     demo = roster.add_parser(
         "init-demo", help="DEMOS AND TESTS ONLY: every organisation's private key and the roster in one place"
     )

@@ -33,9 +33,14 @@ from typing import Any
 import numpy as np
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
+BETTER = "see README, 'The two privacy modes'"
 SHARES = (0.5, 0.3, 0.2)
 FEDERATION = "demo"
-ROUNDS = 8
+ROUNDS = 8  # local mode: rounds of 2 local epochs each
+STEPS = 200  # distributed mode: DP-SGD steps of the federation, one secure aggregation each
+SAMPLE_RATE = 0.1  # distributed mode: every hospital samples a tenth of its training records per step
+EVALUATE_EVERY = 20
+VALIDATION_FRACTION = 0.2
 TIME_LIMIT = 170.0
 
 
@@ -83,24 +88,71 @@ def write_hospital_data(out: Path) -> tuple[dict[str, Path], Path, int]:
 # --- configuration ------------------------------------------------------------------------------------------
 
 
-def create_federation(out: Path) -> str:
+def train_sizes(files: dict[str, Path]) -> dict[str, int]:
+    """Each hospital's training-split size (what its participant will hold out is VALIDATION_FRACTION)."""
+
+    sizes = {}
+    for hospital, path in files.items():
+        records = sum(1 for _ in path.open()) - 1
+        sizes[hospital] = records - round(records * VALIDATION_FRACTION)
+    return sizes
+
+
+def distributed_noise(features: int, sizes: dict[str, int]) -> float:
+    """The noise multiplier that keeps STEPS steps within epsilon 3 at the largest sampling rate."""
+    from tessera.models import ModelSpec, build_model
+    from tessera.skellam import plan_noise_multiplier
+
+    model = build_model(
+        ModelSpec(name="mlp", kwargs={"input_dim": features, "hidden": [16], "num_classes": 2})
+    )
+    q = max(max(1, round(SAMPLE_RATE * n)) / n for n in sizes.values())
+    return plan_noise_multiplier(
+        clip=1.0,
+        scale=4096.0,
+        dimension=sum(p.numel() for p in model.parameters()),
+        sample_rate=q,
+        steps=STEPS,
+        target_epsilon=3.0,
+        delta=1e-5,
+    )
+
+
+def create_federation(
+    out: Path, *, privacy: str = "distributed", noise_multiplier: float | None = None
+) -> str:
     """Each hospital's identity key in its own state directory, the roster from the public keys; returns
     the roster fingerprint every hospital pins."""
-    from tessera.roster import FederationParameters, LayoutParameters, build_roster, create_identity
+    from tessera.roster import FederationParameters, build_roster, create_identity
 
     public_keys = {
         h: create_identity(out / "participants" / h / "identity.key")[0].public_bytes for h in HOSPITALS
     }
-    roster = build_roster(
-        FEDERATION, public_keys, parameters=FederationParameters(layout=LayoutParameters(clip=1.0))
+    parameters = (
+        FederationParameters.model_validate(
+            {
+                "layout": {"ring_bits": 64},
+                "privacy": {"mode": "distributed", "noise_multiplier": noise_multiplier, "clip_norm": 1.0},
+            }
+        )
+        if privacy == "distributed"
+        else FederationParameters.model_validate({"layout": {"clip": 1.0}})
     )
+    roster = build_roster(FEDERATION, public_keys, parameters=parameters)
     (out / "federation").mkdir(parents=True, exist_ok=True)
     roster.save(out / "federation" / "roster.json")
     return roster.fingerprint()
 
 
 def configurations(
-    out: Path, files: dict[str, Path], encoding: Path, features: int, broker_url: str, roster_fingerprint: str
+    out: Path,
+    files: dict[str, Path],
+    encoding: Path,
+    features: int,
+    broker_url: str,
+    roster_fingerprint: str,
+    *,
+    privacy: str = "distributed",
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Curator and participant settings as nested dicts (turned into TESSERA_* variables for processes)."""
     federation_dir = out / "federation"
@@ -117,8 +169,13 @@ def configurations(
         **common,
         "state_dir": str(out / "curator"),
         "roster_fingerprint": roster_fingerprint,
-        "rounds": {"max_rounds": ROUNDS, "min_participants": 3, "training_timeout": 120},
+        "rounds": {
+            "max_rounds": STEPS if privacy == "distributed" else ROUNDS,
+            "min_participants": 3,
+            "training_timeout": 120,
+        },
         "secagg": {"phase_timeout": 30},
+        "server": {"lr": 0.5, "momentum": 0.9, "evaluate_every": EVALUATE_EVERY},
         "broker": {
             "url": broker_url,
             "username": "curator",
@@ -126,6 +183,7 @@ def configurations(
         },
     }
     participants = {}
+    sizes = train_sizes(files)
     for hospital, path in files.items():
         participants[hospital] = {
             **common,
@@ -139,9 +197,16 @@ def configurations(
                 "drop_columns": ["patient_id"],
                 "encoding_file": str(encoding),
                 "label_classes": ["benign", "malignant"],
-                "validation_fraction": 0.2,
+                "validation_fraction": VALIDATION_FRACTION,
             },
             "privacy": {
+                "target_epsilon": 3.0,
+                "delta": 1e-5,
+                "planned_rounds": STEPS,
+                "batch_size": max(1, round(SAMPLE_RATE * sizes[hospital])),
+            }
+            if privacy == "distributed"
+            else {
                 "target_epsilon": 3.0,
                 "delta": 1e-5,
                 "planned_rounds": ROUNDS,
@@ -215,6 +280,8 @@ class Progress:
         for record in document["history"][self.shown :]:
             accuracy = record.get("accuracy")
             epsilon = record.get("epsilon_mean")
+            if accuracy is None:  # distributed mode: evaluated every EVALUATE_EVERY steps
+                continue
             say(
                 f"  round {record['round']:>2} | {len(record['participants'])} participants | "
                 f"secure-averaged accuracy {accuracy:.3f} | mean epsilon spent {epsilon:.2f} | "
@@ -225,7 +292,7 @@ class Progress:
 
 
 def summarise(document: dict[str, Any], out: Path, mode: str) -> None:
-    history = document["history"]
+    history = [r for r in document["history"] if r.get("accuracy") is not None]
     last = history[-1] if history else {}
     say("")
     say(f"Finished ({mode}): {document['stop_reason']}.")
@@ -358,6 +425,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="working directory (recreated)")
     parser.add_argument("--in-process", action="store_true", help="skip the broker even if one is reachable")
+    parser.add_argument(
+        "--privacy",
+        choices=["distributed", "local"],
+        default="distributed",
+        help="distributed DP-SGD under secure aggregation (default: the better model at epsilon 3), or local "
+        "DP-SGD at each hospital",
+    )
     args = parser.parse_args(argv)
     broker_url = os.environ.get("TESSERA_DEMO_BROKER_URL", "amqp://127.0.0.1:5672/")
     out: Path = args.out.resolve()
@@ -367,11 +441,23 @@ def main(argv: list[str] | None = None) -> int:
     files, encoding, features = write_hospital_data(out)
     sizes = ", ".join(f"{h}: {sum(1 for _ in f.open()) - 1} patients" for h, f in files.items())
     say(f"Data split unevenly: {sizes}.")
-    fingerprint = create_federation(out)
+    noise = None
+    if args.privacy == "distributed":
+        noise = distributed_noise(features, train_sizes(files))
+        say(
+            f"Privacy mode: distributed DP-SGD (the better model at epsilon 3: {BETTER}). {STEPS} steps, one secure "
+            f"aggregation each; every hospital adds a share of noise of multiplier {noise:.3f} that only adds up "
+            "under secure aggregation. (--privacy local: each hospital adds all of its own noise.)"
+        )
+    else:
+        say("Privacy mode: local DP-SGD, each hospital noising its own update for epsilon 3.")
+    fingerprint = create_federation(out, privacy=args.privacy, noise_multiplier=noise)
     say(
         f"Each hospital made its own identity key; roster fingerprint {fingerprint[:16]}... pinned by all three."
     )
-    curator, participants = configurations(out, files, encoding, features, broker_url, fingerprint)
+    curator, participants = configurations(
+        out, files, encoding, features, broker_url, fingerprint, privacy=args.privacy
+    )
     from tessera.transport import local_broker_problem
 
     reason = (

@@ -17,9 +17,7 @@ from .settings import ServerSettings
 
 
 class ServerSgd:
-    def __init__(
-        self, settings: ServerSettings, buffer: npt.NDArray[np.float64] | None = None
-    ) -> None:
+    def __init__(self, settings: ServerSettings, buffer: npt.NDArray[np.float64] | None = None) -> None:
         self.settings = settings
         self.buffer = buffer
 

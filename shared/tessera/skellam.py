@@ -235,6 +235,16 @@ def plan_noise_multiplier(
     """The smallest noise multiplier z (to ``tolerance`` relative) for which ``steps`` steps at
     ``sample_rate`` stay within ``target_epsilon`` at ``delta``. ConfigurationError if none up to 1000 does."""
 
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigurationError(f"steps must be a positive integer, got {steps!r}")
+    if not 0 < sample_rate <= 1:
+        raise ConfigurationError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ConfigurationError(f"target_epsilon must be > 0, got {target_epsilon}")
+    if not 0 < delta < 1:
+        raise ConfigurationError(f"delta must be in (0, 1), got {delta}")
+    SkellamMechanism(clip=clip, scale=scale, dimension=dimension, noise_multiplier=1.0)  # validates the rest
+
     def eps_at(z: float) -> float:
         m = SkellamMechanism(clip=clip, scale=scale, dimension=dimension, noise_multiplier=z)
         return epsilon([m.entry(sample_rate, steps)], delta)
