@@ -170,7 +170,7 @@ def test_cnn_reaches_high_mnist_accuracy_without_dp() -> None:
     from tessera.inference import evaluate
     from tessera.participant.training import torch_threads
 
-    from tests.test_data import MNIST, need
+    from tests.data.real_files import MNIST, need
 
     mnist = need(MNIST)
     train = load_dataset(mnist / "train-images-idx3-ubyte.gz").subset(np.arange(20000))

@@ -272,7 +272,7 @@ def test_class_metrics_zero_division_and_empty_data() -> None:
 def test_dp_round_of_the_cnn_on_6000_mnist_images(tmp_path: Path) -> None:
     from tessera.data import load_dataset
 
-    from tests.test_data import MNIST, need
+    from tests.data.real_files import MNIST, need
 
     mnist = need(MNIST)
     train = load_dataset(mnist / "train-images-idx3-ubyte.gz").subset(np.arange(6000))
