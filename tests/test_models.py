@@ -12,13 +12,24 @@ from tessera.errors import ConfigurationError, LocalUsageError
 from tessera.models import (
     ModelSpec,
     build_model,
-    check_fingerprint,
     flatten_parameters,
     load_flat_parameters,
     model_fingerprint,
-    parameter_count,
+    trainable_parameters,
 )
 from torch import nn
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Length of the flat parameter vector."""
+    return sum(p.numel() for _, p in trainable_parameters(model))
+
+
+def check_fingerprint(expected: str, actual: str) -> None:
+    """Raise :class:`ConfigurationError` naming both fingerprints when they differ."""
+    if expected != actual:
+        raise ConfigurationError(f"model fingerprint mismatch: expected {expected}, built {actual}")
+
 
 MLP_SPEC = ModelSpec(name="mlp", kwargs={"input_dim": 6, "hidden": [5, 4], "num_classes": 3})
 CNN_SPEC = ModelSpec(name="cnn28", kwargs={"num_classes": 10})

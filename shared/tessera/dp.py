@@ -292,11 +292,6 @@ class PersistentAccountant:
         return self._budget
 
     @property
-    def mechanism(self) -> AccountantKind:
-        """The accounting mechanism ("rdp" or "prv")."""
-        return self._mechanism
-
-    @property
     def rounds_done(self) -> int:
         """Rounds recorded so far, across restarts."""
         return self._rounds_done
@@ -305,11 +300,6 @@ class PersistentAccountant:
     def history(self) -> tuple[HistoryEntry, ...]:
         """A copy of the accountant history, ``(σ, q, steps)`` entries, merged as Opacus merges them."""
         return tuple(self._history)
-
-    @property
-    def total_steps(self) -> int:
-        """DP-SGD steps recorded so far."""
-        return sum(h[2] for h in self._history)
 
     def epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default: the budget's δ); 0.0 before the first round."""
