@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             model={
                 "name": "mlp",
                 "kwargs": {
-                    "input_dim": shared_encoding.width,
+                    "input_dim": len(shared_encoding.output_names()),
                     "hidden": hidden,
                     "num_classes": 2,
                     "activation": args.activation,

@@ -21,7 +21,6 @@ from tessera.errors import ConfigurationError
 from .idx_files import write_idx
 from .real_files import AI4I, MNIST, need
 
-
 # -- CSV -------------------------------------------------------------------------------------------------
 
 

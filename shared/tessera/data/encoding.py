@@ -71,11 +71,6 @@ class FeatureEncoding(BaseModel):
             raise ValueError(f"feature names must be unique, got {names}")
         return v
 
-    @property
-    def width(self) -> int:
-        """Number of output columns."""
-        return len(self.output_names())
-
     def output_names(self) -> tuple[str, ...]:
         """Names of the output columns: ``name`` for numeric, ``name=category`` for one-hot columns."""
         out: list[str] = []
