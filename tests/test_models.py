@@ -12,13 +12,24 @@ from tessera.errors import ConfigurationError, LocalUsageError
 from tessera.models import (
     ModelSpec,
     build_model,
-    check_fingerprint,
     flatten_parameters,
     load_flat_parameters,
     model_fingerprint,
-    parameter_count,
+    trainable_parameters,
 )
 from torch import nn
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Length of the flat parameter vector."""
+    return sum(p.numel() for _, p in trainable_parameters(model))
+
+
+def check_fingerprint(expected: str, actual: str) -> None:
+    """Raise :class:`ConfigurationError` naming both fingerprints when they differ."""
+    if expected != actual:
+        raise ConfigurationError(f"model fingerprint mismatch: expected {expected}, built {actual}")
+
 
 MLP_SPEC = ModelSpec(name="mlp", kwargs={"input_dim": 6, "hidden": [5, 4], "num_classes": 3})
 CNN_SPEC = ModelSpec(name="cnn28", kwargs={"num_classes": 10})
@@ -170,7 +181,7 @@ def test_cnn_reaches_high_mnist_accuracy_without_dp() -> None:
     from tessera.inference import evaluate
     from tessera.participant.training import torch_threads
 
-    from tests.test_data import MNIST, need
+    from tests.data.real_files import MNIST, need
 
     mnist = need(MNIST)
     train = load_dataset(mnist / "train-images-idx3-ubyte.gz").subset(np.arange(20000))

@@ -13,9 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from tessera.errors import ConfigurationError, LocalUsageError
-from tessera.quantize import MAX_VALUE_BITS, BitBudget, Quantizer, RingBits, choose_ring_bits
+from tessera.quantize import MAX_VALUE_BITS, BitBudget, Quantizer, RingBits
 
 RINGS: tuple[RingBits, RingBits] = (32, 64)
+
+
+def choose_ring_bits(budget: BitBudget) -> RingBits:
+    """The smallest ring (32 or 64 bits) that fits ``budget``; :class:`ConfigurationError` if none does."""
+    if budget.required_ring_bits <= 32:
+        return 32
+    budget.check(64)  # raises with the arithmetic if even 64 bits are too few
+    return 64
 
 
 def ring_sum(vectors: list[npt.NDArray[Any]], dtype: np.dtype[Any]) -> npt.NDArray[Any]:

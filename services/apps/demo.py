@@ -37,9 +37,9 @@ BETTER = "see README, 'The two privacy modes'"
 SHARES = (0.5, 0.3, 0.2)
 FEDERATION = "demo"
 ROUNDS = 8  # local mode: rounds of 2 local epochs each
-STEPS = 200  # distributed mode: DP-SGD steps of the federation, one secure aggregation each
-SAMPLE_RATE = 0.1  # distributed mode: every hospital samples a tenth of its training records per step
-EVALUATE_EVERY = 20
+STEPS = 60  # distributed mode: DP-SGD steps of the federation, one secure aggregation each
+SAMPLE_RATE = 0.3  # distributed mode: every hospital samples 30 % of its training records per step
+EVALUATE_EVERY = 10
 VALIDATION_FRACTION = 0.2
 TIME_LIMIT = 170.0
 
@@ -175,7 +175,7 @@ def configurations(
             "training_timeout": 120,
         },
         "secagg": {"phase_timeout": 30},
-        "server": {"lr": 0.5, "momentum": 0.9, "evaluate_every": EVALUATE_EVERY},
+        "server": {"lr": 2.0, "momentum": 0.5, "evaluate_every": EVALUATE_EVERY},
         "broker": {
             "url": broker_url,
             "username": "curator",

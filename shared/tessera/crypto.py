@@ -8,9 +8,9 @@ Recipes, not primitives (after pyca/cryptography's layering):
   HKDF-SHA256 in one step, so a raw shared secret never leaves this module and every derived key is bound
   to a caller-supplied context and purpose.
 - :func:`seal` / :func:`open_sealed` -- ChaCha20-Poly1305 with *mandatory* associated data.
-- :func:`mask_stream` / :func:`add_mask_stream` -- the PRG of SECAGG.md: an AES-256-CTR keystream keyed by
-  the full 32-byte seed, read as little-endian uint32/uint64. Never a non-cryptographic generator, never a
-  folded seed.
+- :func:`add_mask_stream` -- the PRG of SECAGG.md, added to (or subtracted from) a ring vector in place: an
+  AES-256-CTR keystream keyed by the full 32-byte seed, read as little-endian uint32/uint64. Never a
+  non-cryptographic generator, never a folded seed.
 - :func:`commit` -- a SHA-256 hash commitment (hiding because what we commit to is 32 random bytes).
 
 Which library: Ed25519, X25519 and the AES-CTR keystream come from OpenSSL (through ``cryptography``),
@@ -277,21 +277,15 @@ def _keystream(seed: bytes) -> Any:
     return Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
 
 
-def mask_stream(seed: bytes, length: int, ring_bits: RingBits) -> npt.NDArray[np.unsignedinteger[Any]]:
-    """``length`` uniform elements of Z_(2^ring_bits) from an AES-256-CTR keystream keyed by ``seed``, read
-    as little-endian words. Uniform because 2^ring_bits divides 2^8k: no modular bias."""
-    stream = np.zeros(length, dtype=ring_dtype(ring_bits))
-    add_mask_stream(stream, seed)
-    return stream
-
-
 def add_mask_stream(
     acc: npt.NDArray[np.unsignedinteger[Any]], seed: bytes, *, subtract: bool = False
 ) -> None:
-    """``acc += mask_stream(seed, len(acc), ring_bits)`` (or ``-=``) mod 2^ring_bits, in place, block by block.
+    """Add (``subtract``: take away) the mask stream of ``seed`` to ``acc`` mod 2^ring_bits, in place.
 
-    ``acc`` is a 1-D uint32 or uint64 array (its dtype gives the ring); the result equals adding the whole
-    stream at once.
+    The stream is ``len(acc)`` uniform elements of Z_(2^ring_bits): an AES-256-CTR keystream keyed by
+    ``seed``, read as little-endian words (uniform because 2^ring_bits divides 2^8k: no modular bias).
+    ``acc`` is a 1-D uint32 or uint64 array (its dtype gives the ring); the stream is made and added block by
+    block, and the result equals adding the whole stream at once.
     """
     if acc.dtype not in (np.dtype(np.uint32), np.dtype(np.uint64)) or acc.ndim != 1:
         raise ValueError("the accumulator must be a 1-D uint32 or uint64 array")
@@ -341,7 +335,6 @@ __all__ = [
     "hkdf",
     "hkdf_sha256",
     "key_fingerprint",
-    "mask_stream",
     "open_sealed",
     "public_key_matches",
     "ring_dtype",

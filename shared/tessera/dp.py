@@ -327,7 +327,7 @@ class PersistentAccountant:
 
     @property
     def mechanism(self) -> AccountantKind:
-        """The accounting mechanism ("rdp" or "prv")."""
+        """The accounting mechanism ("rdp", "prv" or "skellam"): what the history entries mean."""
         return self._mechanism
 
     @property
@@ -339,11 +339,6 @@ class PersistentAccountant:
     def history(self) -> tuple[HistoryEntry, ...]:
         """A copy of the accountant history, ``(σ, q, steps)`` entries, merged as Opacus merges them."""
         return tuple(self._history)
-
-    @property
-    def total_steps(self) -> int:
-        """DP-SGD steps recorded so far."""
-        return sum(int(h[-1]) for h in self._history)
 
     def epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default: the budget's δ); 0.0 before the first round."""

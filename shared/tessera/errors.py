@@ -8,8 +8,6 @@
   vector of the wrong length). A bug in the caller; fix the call.
 - :class:`ConfigurationError`: a setting that cannot work (e.g. a bit budget that could overflow the ring).
   Raised at configuration time, before any round starts.
-- :class:`AggregationAborted`: a round could not finish safely (fewer than the threshold of participants
-  left, or a reconstruction that could not be verified). No partial or wrong output exists.
 """
 
 from __future__ import annotations
@@ -42,21 +40,12 @@ class ConfigurationError(TesseraError, ValueError):
     """A configuration value cannot work; raised before anything starts."""
 
 
-class AggregationAborted(TesseraError):
-    """The aggregation stopped without output (below threshold, or unverifiable reconstruction)."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
-
-
 class TransportError(TesseraError):
     """The message transport (RabbitMQ) failed: a refused or unconfirmed publish, a broker that cannot be
     reached, a closed endpoint. See ``tessera.transport.errors`` for the specific kinds."""
 
 
 __all__ = [
-    "AggregationAborted",
     "ConfigurationError",
     "LocalUsageError",
     "Misbehaviour",

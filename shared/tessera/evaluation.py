@@ -46,20 +46,6 @@ class EvalCounts:
     def zero(cls, num_classes: int) -> EvalCounts:
         return cls(0, 0, 0.0, np.zeros((num_classes, num_classes), dtype=np.int64))
 
-    def to_vector(self) -> npt.NDArray[np.float64]:
-        """``[correct, total, loss_sum, confusion row-major...]``, length ``3 + num_classes²``."""
-        head = np.array([self.correct, self.total, self.loss_sum], dtype=np.float64)
-        return np.concatenate([head, self.confusion.astype(np.float64).ravel()])
-
-    @classmethod
-    def from_vector(cls, vec: npt.ArrayLike, num_classes: int) -> EvalCounts:
-        """Inverse of :meth:`to_vector` (counts are rounded to integers)."""
-        v = np.asarray(vec, dtype=np.float64)
-        if v.shape != (3 + num_classes * num_classes,):
-            raise LocalUsageError(f"count vector has shape {v.shape}, expected ({3 + num_classes**2},)")
-        conf = np.rint(v[3:]).astype(np.int64).reshape(num_classes, num_classes)
-        return cls(round(float(v[0])), round(float(v[1])), float(v[2]), conf)
-
 
 def accuracy(counts: EvalCounts) -> float:
     """correct / total; NaN when there are no examples."""

@@ -24,8 +24,7 @@ Contracts
   not exchanged. Opacus' wrapper prefixes names with ``_module.``; pass the unwrapped module (this module
   refuses names with that prefix so a wrapped model cannot silently change the order or fingerprint).
 - :func:`model_fingerprint` is SHA-256 over the spec's name, its canonical-JSON kwargs, and the ordered
-  trainable parameter names and shapes. :func:`check_fingerprint` raises
-  :class:`~tessera.errors.ConfigurationError` naming both fingerprints when they differ.
+  trainable parameter names and shapes.
 """
 
 from __future__ import annotations
@@ -207,11 +206,6 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return params
 
 
-def parameter_count(model: nn.Module) -> int:
-    """Length of the flat parameter vector."""
-    return sum(p.numel() for _, p in trainable_parameters(model))
-
-
 def flatten_parameters(model: nn.Module) -> npt.NDArray[np.float32]:
     """The trainable parameters as one float32 vector, in the documented order (a copy)."""
     with torch.no_grad():
@@ -253,29 +247,14 @@ def model_fingerprint(spec: ModelSpec, model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def check_fingerprint(expected: str, actual: str, *, what: str = "model") -> None:
-    """Raise :class:`ConfigurationError` naming both fingerprints when ``expected != actual``.
-
-    Use it when the curator's model (``expected``) must match the locally built one (``actual``): a mismatch
-    means a different architecture, kwargs or parameter layout; align the model spec or the software version.
-    """
-    if expected != actual:
-        raise ConfigurationError(
-            f"{what} fingerprint mismatch: expected {expected}, built {actual}; "
-            "the architecture, its kwargs or the parameter layout differ"
-        )
-
-
 __all__ = [
     "BUILTIN_MODELS",
     "CNN28",
     "MLP",
     "ModelSpec",
     "build_model",
-    "check_fingerprint",
     "flatten_parameters",
     "load_flat_parameters",
     "model_fingerprint",
-    "parameter_count",
     "trainable_parameters",
 ]

@@ -141,14 +141,6 @@ class BitBudget:
             )
 
 
-def choose_ring_bits(budget: BitBudget) -> RingBits:
-    """The smallest ring (32 or 64 bits) that fits ``budget``; :class:`ConfigurationError` if none does."""
-    if budget.required_ring_bits <= 32:
-        return 32
-    budget.check(64)  # raises with the arithmetic if even 64 bits are too few
-    return 64
-
-
 @dataclass(frozen=True)
 class Encoded:
     """One participant's encoded vector: ring elements and the number of coordinates that were clipped.
@@ -166,7 +158,7 @@ class Quantizer:
     """Fixed-point encoder/decoder for one aggregation: clip range, bit budget and ring.
 
     ``clip`` (finite, > 0): coordinates are clipped to [-clip, clip]. ``budget``: the :class:`BitBudget`.
-    ``ring_bits``: 32 or 64 (:func:`choose_ring_bits` picks the smallest that fits). Construction checks the
+    ``ring_bits``: 32 or 64 (at least :attr:`BitBudget.required_ring_bits`). Construction checks the
     budget against the ring and raises :class:`ConfigurationError` if a sum could overflow.
     """
 
@@ -372,5 +364,4 @@ __all__ = [
     "Encoded",
     "Quantizer",
     "RingBits",
-    "choose_ring_bits",
 ]

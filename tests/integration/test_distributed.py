@@ -52,9 +52,7 @@ def test_over_the_broker_and_in_process_give_the_same_model(federation, tmp_path
         **{**fed.curator_settings, "state_dir": str(local / "curator"), "health": {"enabled": False}}
     )
     participants = {
-        o: ParticipantSettings(
-            **{**s, "state_dir": str(local / o), "health": {"enabled": False}}
-        )
+        o: ParticipantSettings(**{**s, "state_dir": str(local / o), "health": {"enabled": False}})
         for o, s in fed.participant_settings.items()
     }
     result = run_local_federation(curator, participants, {o: fed.local_data(o) for o in fed.organisations})

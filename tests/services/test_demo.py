@@ -12,11 +12,13 @@ def test_demo_in_process_trains_and_reports(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
     assert demo.main(["--in-process", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["status"] == "finished" and report["rounds_completed"] == demo.ROUNDS
+    # The default is the distributed mode: one DP-SGD step per round.
+    assert report["status"] == "finished" and report["rounds_completed"] == demo.STEPS
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     last = report["history"][-1]
     assert last["participants"] == list(demo.HOSPITALS)
     assert last["accuracy"] > 0.85  # DP at epsilon 3 on 569 patients; about 0.95 in practice
     assert 2.9 < last["epsilon_mean"] <= 3.0 + 1e-9
     shown = capsys.readouterr().out
-    assert "--in-process was given" in shown and f"round  {demo.ROUNDS} |" in shown
+    assert "--in-process was given" in shown and f"round {demo.STEPS} |" in shown
+    assert "Privacy mode: distributed DP-SGD" in shown

@@ -8,7 +8,7 @@ time and randomness passed in. :mod:`tessera.secagg.wire` turns messages into by
 from tessera.secagg.config import AggregationConfig, Graph, ParticipantPolicy, Roster, SessionIds
 from tessera.secagg.curator import AggregationResult, CuratorPhase, CuratorSession, Outgoing, PhaseTimeouts
 from tessera.secagg.participant import ParticipantSession, ParticipantState
-from tessera.secagg.simulation import DropPoint, SimulationResult, aggregate, make_federation, simulate
+from tessera.secagg.simulation import DropPoint, SimulationResult, make_federation, simulate
 from tessera.secagg.wire import WireLimits, decode, encode
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "SessionIds",
     "SimulationResult",
     "WireLimits",
-    "aggregate",
     "decode",
     "encode",
     "make_federation",

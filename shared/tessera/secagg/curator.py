@@ -95,9 +95,6 @@ class PhaseTimeouts:
     consistency: float = 30.0
     unmask: float = 30.0
 
-    def for_phase(self, phase: CuratorPhase) -> float:
-        return _PHASES[phase].deadline(self)
-
 
 @dataclass(frozen=True)
 class Outgoing:
@@ -169,14 +166,6 @@ class CuratorSession:
     @property
     def finished(self) -> bool:
         return self.phase in (CuratorPhase.DONE, CuratorPhase.ABORTED)
-
-    def expected_senders(self) -> frozenset[int]:
-        """Who the current phase is waiting for."""
-        return self._expected if not self.finished else frozenset()
-
-    def received_from(self) -> frozenset[int]:
-        """Who has answered in the current phase."""
-        return frozenset(self._answered) if not self.finished else frozenset()
 
     def receive(self, sender: int, message: ParticipantMessage, now: float) -> list[Outgoing]:
         """Take one message from authenticated participant ``sender``; raises ProtocolError if it does not fit."""

@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from tessera.crypto import RandomSource, SigningKey, system_random
-from tessera.errors import AggregationAborted, ProtocolError
+from tessera.errors import ProtocolError
 from tessera.secagg.config import AggregationConfig, ParticipantPolicy, Roster
 from tessera.secagg.curator import CuratorSession, Outgoing, PhaseTimeouts
 from tessera.secagg.messages import (
@@ -74,24 +74,6 @@ class SimulationResult:
     neighbours: Mapping[int, frozenset[int]] = field(default_factory=dict)
     participant_errors: list[tuple[int, ProtocolError]] = field(default_factory=list)
     curator_errors: list[tuple[int, ProtocolError]] = field(default_factory=list)
-
-    @property
-    def curator_s(self) -> float:
-        return sum(self.curator_seconds.values())
-
-    @property
-    def participant_s(self) -> float:
-        """The largest total compute of one participant."""
-        return max((sum(p.values()) for p in self.participant_seconds.values()), default=0.0)
-
-    @property
-    def total_s(self) -> float:
-        """Curator time plus, for each phase, the slowest participant (the critical path without network)."""
-        slowest: dict[str, float] = defaultdict(float)
-        for phases in self.participant_seconds.values():
-            for phase, seconds in phases.items():
-                slowest[phase] = max(slowest[phase], seconds)
-        return self.curator_s + sum(slowest.values())
 
 
 def make_federation(n: int, rand: RandomSource = system_random) -> tuple[Roster, dict[int, SigningKey]]:
@@ -209,12 +191,4 @@ def simulate(
     return result
 
 
-def aggregate(config: AggregationConfig, inputs: Mapping[int, RingVector], **kwargs: object) -> RingVector:
-    """Like :func:`simulate` but returns the sum, or raises :class:`AggregationAborted`."""
-    outcome = simulate(config, inputs, **kwargs)  # type: ignore[arg-type]
-    if outcome.total is None:
-        raise AggregationAborted(outcome.abort_reason or "aborted")
-    return outcome.total
-
-
-__all__ = ["DropPoint", "SimulationResult", "aggregate", "make_federation", "simulate"]
+__all__ = ["DropPoint", "SimulationResult", "make_federation", "simulate"]
