@@ -75,10 +75,14 @@ def encode(text: str) -> npt.NDArray[np.int64]:
     try:
         return np.array([table[c] for c in text], dtype=np.int64)
     except KeyError as exc:
-        raise ValueError(f"character {exc.args[0]!r} is not in the alphabet; normalise the text first") from exc
+        raise ValueError(
+            f"character {exc.args[0]!r} is not in the alphabet; normalise the text first"
+        ) from exc
 
 
-def windows(codes: npt.NDArray[np.int64], context: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+def windows(
+    codes: npt.NDArray[np.int64], context: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """Next-character examples: ``x[i]`` = the ``context`` characters before ``codes[i]`` (left-padded with
     :data:`PAD`), ``y[i] = codes[i]``. ``x`` is float32 because :class:`tessera.data.ArrayDataset` stores
     features that way; the model casts it back to indices."""
@@ -157,7 +161,9 @@ def exposure(log_perplexities: npt.NDArray[np.float64], secret: int) -> float:
 # -- membership inference -------------------------------------------------------------------------------
 
 
-def roc(members: npt.ArrayLike, non_members: npt.ArrayLike) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+def roc(
+    members: npt.ArrayLike, non_members: npt.ArrayLike
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """(FPR, TPR) of the test "score >= t" for every distinct threshold t, from (0, 0) to (1, 1)."""
     m, n = np.asarray(members, dtype=np.float64), np.asarray(non_members, dtype=np.float64)
     thresholds = np.unique(np.concatenate([m, n]))[::-1]
@@ -259,7 +265,10 @@ def mia_epsilon_lower_bound(
     """ε lower bound of the test "score >= t": t chosen on a random half of each set (the threshold with the
     largest point estimate of the bound), the counts taken on the other half."""
     rng = np.random.default_rng(seed)
-    m, n = rng.permutation(np.asarray(members, np.float64)), rng.permutation(np.asarray(non_members, np.float64))
+    m, n = (
+        rng.permutation(np.asarray(members, np.float64)),
+        rng.permutation(np.asarray(non_members, np.float64)),
+    )
     m_pick, m_test = m[: len(m) // 2], m[len(m) // 2 :]
     n_pick, n_test = n[: len(n) // 2], n[len(n) // 2 :]
     best_t, best = math.inf, -1.0
@@ -271,7 +280,9 @@ def mia_epsilon_lower_bound(
         if estimate > best:
             best_t, best = float(t), estimate
     tp, fp = int(np.count_nonzero(m_test >= best_t)), int(np.count_nonzero(n_test >= best_t))
-    eps, tpr_lo, fpr_hi = epsilon_lower_bound(tp, len(m_test), fp, len(n_test), delta=delta, confidence=confidence)
+    eps, tpr_lo, fpr_hi = epsilon_lower_bound(
+        tp, len(m_test), fp, len(n_test), delta=delta, confidence=confidence
+    )
     return EpsilonBound(
         epsilon_lb=eps,
         confidence=confidence,

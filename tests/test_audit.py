@@ -15,8 +15,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-import _audit as audit  # noqa: E402
-from audit_models import char_gru  # noqa: E402
+import _audit as audit
+from audit_models import char_gru
 
 CONTEXT = 10
 TEMPLATE = "ddd"
