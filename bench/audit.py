@@ -28,12 +28,20 @@ Loss attack: score = -cross-entropy of the record under the final model.
 Privacy configurations
 ----------------------
 ``--privacy`` names entries of :data:`PRIVACY` (``none``: no DP; ``local``: each organisation's DP-SGD at
-``--epsilons``). Each entry is a :class:`PrivacyKind`: how the participants' ``privacy`` settings are made
-and which training preset it uses; the ε accounted for the target organisation is what its persistent
-accountant file says after the run. A distributed-DP mode is one more entry: its ``settings`` function
-returns the participants' privacy settings for that mode (and, if that mode's accountant is not the
-participant's ``accountant.json``, ``accounted`` reads ε from where the mode records it); the tasks, attacks
-and bounds need no change.
+every ``--epsilons`` value). Each entry is a :class:`PrivacyKind`: how the participants' ``privacy``
+settings are made for an ε, which training preset it uses, and ``epsilon_of``, where the ε accounted for the
+target organisation's records is read after the run (by default its persistent accountant file). A
+distributed-DP mode is one more entry, e.g.::
+
+    "distributed": PrivacyKind(
+        private=True,
+        settings=lambda eps, p: {"enabled": True, "mode": "distributed", "target_epsilon": eps,
+                                 "delta": DELTA, **_training(p)},
+        preset="dp",
+        epsilon_of=participant_accountant,  # or a reader of wherever that mode records its ε
+    ),
+
+with the settings keys that mode actually takes; the tasks, attacks, bounds and report need no change.
 
 Outputs: a table on stdout, ``audit.json`` and ``audit.png`` (exposure per insertion count; ROC curves) in
 ``--out``. Exit status 3, with a loud message, if an empirical lower bound exceeds the accounted ε (that is a
@@ -99,20 +107,24 @@ CHAR_MODEL = "audit_models:char_gru"
 # -- privacy configurations -----------------------------------------------------------------------------
 
 
+def participant_accountant(run: FederationRun, organisation: str) -> float:
+    """ε as ``organisation``'s own persistent accountant file records it at the end of the run."""
+    return run.epsilon[organisation]
+
+
 @dataclass(frozen=True)
 class PrivacyKind:
-    """One way of training: the participants' privacy settings for an ε (None without DP) and a preset,
-    and whether the run is meant to be differentially private."""
+    """One way of training: the participants' privacy settings for an ε (None without DP), the task preset
+    it trains with, and where the ε accounted for an organisation's records is read after the run."""
 
     private: bool
     settings: Callable[[float | None, dict[str, Any]], dict[str, Any]]
     preset: str  # the key of a task's PRESETS entry
+    epsilon_of: Callable[[FederationRun, str], float] = participant_accountant
 
     def accounted(self, run: FederationRun, organisation: str) -> float:
         """ε of ``organisation`` after the run (inf when not private)."""
-        if not self.private:
-            return math.inf
-        return run.epsilon[organisation]
+        return self.epsilon_of(run, organisation) if self.private else math.inf
 
 
 def _training(preset: dict[str, Any]) -> dict[str, Any]:
