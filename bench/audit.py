@@ -652,6 +652,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     ax.axhline(math.log2(10**6), color="grey", ls="--", lw=0.8)
     ax.text(0, math.log2(10**6) + 0.3, "maximum (rank 1 of 10^6)", fontsize=8, color="grey")
     ax.axhline(1 / math.log(2), color="grey", ls=":", lw=0.8)
+    ax.text(0, 1 / math.log(2) + 0.3, "expected for an unseen secret (1.44)", fontsize=8, color="grey")
     ax.set(
         xscale="symlog",
         xlabel="insertions into writer-1's text (0 = never inserted)",
