@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,15 @@ from audit_models import char_gru
 CONTEXT = 10
 TEMPLATE = "ddd"
 PREFIX = "my pin is "
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # On 2 shared, busy cores two torch threads made these small models 10-100x slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _model(seed: int) -> nn.Module:
