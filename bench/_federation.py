@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,42 @@ class _Progress:
         self.shown = len(document["history"])
 
 
-def run_federation(
+@dataclass(frozen=True)
+class FederationRun:
+    """What one federation run leaves: the curator's final report, the final global model, each
+    organisation's ε as its own accountant recorded it (empty without DP), and the wall time."""
+
+    document: dict[str, Any]
+    weights: Any  # numpy float32 vector, the order of tessera.models.flatten_parameters
+    epsilon: dict[str, float]
+    wall: float
+
+
+def run_federation(**kwargs: Any) -> tuple[dict[str, Any], float]:
+    """Run the federation to its end; returns (the curator's final report document, wall seconds). The
+    arguments are those of :func:`run_federation_full`."""
+    run = run_federation_full(**kwargs)
+    return run.document, run.wall
+
+
+def _accountant_epsilon(state_dir: Path) -> float | None:
+    """ε spent as the organisation's persistent accountant file records it (None when there is none)."""
+    from tessera.dp import PersistentAccountant, PrivacyBudget
+    from tessera.participant.plan import ACCOUNTANT_FILE
+
+    path = state_dir / ACCOUNTANT_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return PersistentAccountant.load_or_create(
+        path,
+        PrivacyBudget(**saved["budget"]),
+        accountant=saved["mechanism"],
+        dataset_fingerprint=saved["dataset_fingerprint"],
+    ).epsilon()
+
+
+def run_federation_full(
     *,
     federation: str,
     organisations: list[str],
@@ -127,14 +163,17 @@ def run_federation(
     training_seed: int = 0,
     model_seed: int = 0,
     label: str = "",
-) -> tuple[dict[str, Any], float]:
-    """Run the federation to its end; returns (the curator's final report document, wall seconds).
+    allowed_imports: tuple[str, ...] = (),
+) -> FederationRun:
+    """Run the federation to its end.
 
     ``secagg`` holds the curator's secure-aggregation settings, ``roster`` the roster's parameters (the layout:
     ``{"layout": {"clip": ..., "ring_bits": ...}}``, the threshold, the privacy mode).
     ``privacy`` is the participants' ``privacy`` settings (the same for every organisation); ``data`` maps each
     organisation to its ``data`` settings, which document where its data is and how it is read: the datasets
-    themselves are handed over in memory, already loaded that way.
+    themselves are handed over in memory, already loaded that way. ``privacy_per_org`` overrides
+    fields of ``privacy`` for the organisations it names. ``allowed_imports`` is every participant's list of trusted
+    ``import:`` model factories.
     """
     from tessera.apps.local_federation import run_local_federation
     from tessera.curator.settings import CuratorSettings
@@ -183,6 +222,7 @@ def run_federation(
                 data=data[o],
                 privacy={**privacy, **(privacy_per_org or {}).get(o, {})},
                 training_seed=training_seed * 1000 + i,
+                allowed_imports=allowed_imports,
             )
             for i, o in enumerate(organisations)
         }
@@ -208,7 +248,13 @@ def run_federation(
         if result.errors:
             raise RuntimeError(f"participants failed: {result.errors}")
         document: dict[str, Any] = json.loads((work / "curator" / "report.json").read_text())
-        return document, wall
+        spent = {o: _accountant_epsilon(work / "participants" / o) for o in organisations}
+        return FederationRun(
+            document=document,
+            weights=result.state.weights.copy(),
+            epsilon={o: e for o, e in spent.items() if e is not None},
+            wall=wall,
+        )
 
 
 def round_seconds(record: Mapping[str, Any]) -> float:
