@@ -39,16 +39,34 @@ from tessera.models import build_model, load_flat_parameters, model_fingerprint
 from tessera.observability import ParticipantMetricsSink
 from tessera.roster import RosterFile
 from tessera.secagg.config import ParticipantPolicy
-from tessera.secagg.messages import MaskedInput, StartAggregation, UnmaskShares
+from tessera.secagg.messages import (
+    AdvertiseKeys,
+    ConsistencySignature,
+    EncryptedShares,
+    MaskedInput,
+    StartAggregation,
+    UnmaskShares,
+)
 from tessera.secagg.participant import ParticipantSession, ParticipantState
 from tessera.secagg.wire import WireLimits
+from tessera.storage import atomic_write_arrays
 from torch import nn
 
 from .plan import training_mode
+from .replay import ReplayGuard
 from .settings import ParticipantSettings
 from .training import TrainingMode, train_one_round
 
 log = structlog.get_logger("tessera.participant")
+
+# Fault injection (testing only): the message types a participant can be told to stall before sending.
+_STALL_POINTS: dict[type, str] = {
+    AdvertiseKeys: "advertise",
+    EncryptedShares: "shares",
+    MaskedInput: "masked_input",
+    ConsistencySignature: "consistency",
+    UnmaskShares: "unmask",
+}
 
 
 class Exit(enum.Enum):
@@ -111,7 +129,7 @@ class Participant:
         self._announcement: protocol.RoundAnnouncement | None = None
         self._session: ParticipantSession | None = None
         self._limits: WireLimits | None = None
-        self._announced: set[str] = set()  # aggregation ids announced in the current round
+        self._guard = ReplayGuard(settings.state_dir)  # announcements acted on, kept across restarts
         self._rng = np.random.default_rng(
             secrets.randbits(128) if settings.training_seed is None else settings.training_seed
         )
@@ -175,15 +193,9 @@ class Participant:
     # --- a round ----------------------------------------------------------------------------------------------
 
     def _on_round(self, header: protocol.RoundAnnouncement, payload: bytes) -> Exit | None:
-        # A replayed or redelivered announcement must not restart work (or spend privacy) on an old model.
-        current = self._announcement
-        if current is not None and header.round < current.round:
-            raise ProtocolError(f"stale announcement of round {header.round} during round {current.round}")
-        if header.aggregation in self._announced:
-            raise ProtocolError(f"repeated announcement of aggregation {header.aggregation}")
-        if current is None or header.round > current.round:
-            self._announced.clear()
-        self._announced.add(header.aggregation)
+        # A replayed or redelivered announcement must not restart work (or spend privacy) on an old model,
+        # also after a restart: the guard is saved before anything below acts on the announcement.
+        self._guard.admit(header.round, header.aggregation)
         structlog.contextvars.bind_contextvars(round=header.round, phase="announce")
         refusal = self._check_model(header)
         if refusal is not None:
@@ -211,6 +223,7 @@ class Participant:
             self._work = self._compute(header.round, digest, layout, weights)
         else:
             log.info("update_reused", attempt=header.attempt)
+        self._maybe_stall("ready")
         self._send(
             seal(
                 protocol.Ready(
@@ -277,6 +290,9 @@ class Participant:
         )
         self.metrics.trained(time.monotonic() - started)
         self._report_epsilon()
+        if self.settings.faults.slow_seconds:
+            log.warning("fault_injection_slow", seconds=self.settings.faults.slow_seconds)
+            time.sleep(self.settings.faults.slow_seconds)
         log.info(
             "trained",
             steps=result.steps,
@@ -300,9 +316,10 @@ class Participant:
     # --- secure aggregation -----------------------------------------------------------------------------------
 
     def _maybe_stall(self, reply: object) -> None:
-        """Fault injection for resilience tests (TESSERA_FAULTS__STALL_BEFORE); never set in production."""
+        """Fault injection for resilience tests (TESSERA_FAULTS__STALL_BEFORE); never set in production.
+        ``reply`` is the secure-aggregation message about to be sent, or ``"ready"``."""
         faults = self.settings.faults
-        kind = {MaskedInput: "masked_input", UnmaskShares: "unmask"}.get(type(reply))
+        kind = "ready" if reply == "ready" else _STALL_POINTS.get(type(reply))
         round_number = self._announcement.round if self._announcement is not None else None
         if (
             faults.stall_before is not None
@@ -334,6 +351,11 @@ class Participant:
                 ),
                 vector=self._work.vector,
             )
+            if self.settings.faults.record_inputs:  # TESTING ONLY: the input in the clear, for the checks
+                atomic_write_arrays(
+                    self.settings.state_dir / "fault-injection" / "inputs" / f"{ids.aggregation}.npz",
+                    vector=self._work.vector,
+                )
         if self._session is None:
             raise ProtocolError(f"{type(message).__name__} outside an aggregation")
         structlog.contextvars.bind_contextvars(phase=self._session.state.value)
