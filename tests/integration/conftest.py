@@ -337,7 +337,7 @@ class Federation:
 
     def admin_backend(self) -> Any:
         """``rabbitmqctl`` for the federation's broker (``-n`` the private node's name, if it has one)."""
-        from tessera.transport import RabbitmqctlBackend
+        from tessera.transport.provision import RabbitmqctlBackend
 
         return RabbitmqctlBackend(node=self.broker.node if self.broker is not None else None)
 
