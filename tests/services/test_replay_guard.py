@@ -61,7 +61,7 @@ def test_guard_admits_exactly_what_a_never_restarted_reference_admits(sequence):
 )
 def test_damaged_guard_is_an_error_not_a_reset(tmp_path, content):
     (tmp_path / FILE_NAME).write_text(content)
-    with pytest.raises(ConfigurationError, match="replay guard .* is damaged"):
+    with pytest.raises(ConfigurationError, match=r"replay guard .* is damaged"):
         ReplayGuard(tmp_path)
 
 
