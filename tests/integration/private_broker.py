@@ -9,6 +9,7 @@ its directories live in a fresh directory under the system temporary directory t
 
 :meth:`PrivateBroker.close` stops the node (``rabbitmqctl shutdown``, then SIGKILL of its Erlang VM if it
 is still there) and removes its directories; the ``private_broker`` fixture calls it whatever happens.
+No pytest in here: ``bench/load.py`` runs its broker the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+
+class PrivateBrokerUnavailable(Exception):
+    """This host cannot run a private node (no RabbitMQ installed, no rabbitmq user, not root)."""
 
 
 def free_port() -> int:
@@ -48,13 +51,15 @@ class PrivateBroker:
 
     def __init__(self, *, start_timeout: float = 120.0) -> None:
         if shutil.which("rabbitmq-server") is None or shutil.which("rabbitmqctl") is None:
-            pytest.skip("needs rabbitmq-server and rabbitmqctl on PATH for a private RabbitMQ node")
+            raise PrivateBrokerUnavailable("needs rabbitmq-server and rabbitmqctl on PATH")
         try:
             self._user = pwd.getpwnam("rabbitmq")
         except KeyError:
-            pytest.skip("needs the rabbitmq system user (Debian's rabbitmq-server package)")
+            raise PrivateBrokerUnavailable(
+                "needs the rabbitmq system user (Debian's rabbitmq-server)"
+            ) from None
         if os.geteuid() != 0:
-            pytest.skip("starting a private RabbitMQ node as the rabbitmq user needs root")
+            raise PrivateBrokerUnavailable("starting a node as the rabbitmq user needs root")
         tag = uuid.uuid4().hex[:8]
         self.node = f"tessera-it-{tag}@localhost"
         self.port = free_port()
@@ -200,4 +205,4 @@ def private_broker_node() -> Iterator[PrivateBroker]:
         broker.close()
 
 
-__all__ = ["PrivateBroker", "free_port", "private_broker_node"]
+__all__ = ["PrivateBroker", "PrivateBrokerUnavailable", "free_port", "private_broker_node"]
