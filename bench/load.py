@@ -287,11 +287,15 @@ class Load:
         ).start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         from tessera.transport import deprovision
 
+        if exc_type is not None:  # an error or Ctrl-C: the participants wait for nothing any more
+            for process in self.processes:
+                process.terminate()
+        deadline = time.monotonic() + 60
         for process in self.processes:
-            process.join(timeout=30)
+            process.join(timeout=max(0.1, deadline - time.monotonic()))
             if process.is_alive():
                 process.terminate()
                 process.join(timeout=10)
