@@ -21,11 +21,17 @@ with what load needs on top:
 - **Dropouts.** ``--dropout f``: in every round, round(f * n) participants chosen afresh (from the seed and the
   round) drop after sending their shares: they never send their masked input, so the curator waits out the
   masked-input timeout (``--masked-timeout``, part of the round time) and removes their pairwise masks with
-  the key shares the survivors reveal (the expensive path of the protocol).
+  the key shares the survivors reveal (the expensive path of the protocol). A participant that dropped stays
+  away for the rest of that round.
+- **Retries, as the curator service does them.** An attempt that aborts (too few answers in a phase, or a
+  secret that cannot be reconstructed because too many of its holders dropped) is retried under a new
+  aggregation id with fresh keys, a fresh graph and freshly quantised inputs, with the participants still
+  there, up to ``--attempts`` (3, the default of ``rounds.attempts_per_round``). ``aborted_attempts`` counts
+  them; ``failed_rounds`` counts rounds that no attempt completed.
 - **Exact results.** Each participant quantises with a random generator seeded by (seed, index, round), so
   this process recomputes every survivor's ring vector after the round (not timed) and checks that the
   curator's ring sum equals theirs exactly and the new global weights equal the decoded exact mean bit for
-  bit. A round that aborts, or whose result differs, is counted in ``failed_rounds`` / ``wrong_results``.
+  bit. A completed round whose result differs is counted in ``wrong_results``.
 
 Figures: round time median and p95 over the timed rounds (after ``--warmup``), per-phase medians, CPU seconds
 per round of the curator (this process), of all participant processes and of the broker's Erlang VM, the
@@ -60,8 +66,8 @@ from rounds import process_cpu, sample_count, say, synthetic_update, transport_s
 NUM_CLASSES = 10
 
 
-def quantiser_rng(seed: int, index: int, round_number: int) -> np.random.Generator:
-    return np.random.default_rng([seed, index, round_number, 7])
+def quantiser_rng(seed: int, index: int, round_number: int, attempt: int) -> np.random.Generator:
+    return np.random.default_rng([seed, index, round_number, attempt, 7])
 
 
 def dropping(seed: int, round_number: int, n: int, fraction: float) -> set[int]:
@@ -71,7 +77,9 @@ def dropping(seed: int, round_number: int, n: int, fraction: float) -> set[int]:
     return {int(i) + 1 for i in rng.choice(n, size=count, replace=False)} if count else set()
 
 
-def encode(layout: Any, seed: int, index: int, round_number: int, params: int) -> np.ndarray:
+def encode(layout: Any, seed: int, index: int, round_number: int, attempt: int, params: int) -> np.ndarray:
+    """The ring vector of participant ``index`` in an attempt: a retried attempt re-quantises the update
+    with fresh randomness (the service trains again after revealing shares; never the same vector)."""
     from tessera.evaluation import EvalCounts
 
     update = synthetic_update(seed, index, round_number, params)
@@ -80,7 +88,7 @@ def encode(layout: Any, seed: int, index: int, round_number: int, params: int) -
         weight=sample_count(index),
         evaluation=EvalCounts.zero(NUM_CLASSES),
         epsilon=1.0,
-        rng=quantiser_rng(seed, index, round_number),
+        rng=quantiser_rng(seed, index, round_number, attempt),
     )
     return np.asarray(vector)
 
@@ -101,6 +109,7 @@ class Job:
 def participant_main(job: Job, started: Any, results: Any) -> None:
     from tessera import protocol
     from tessera.crypto import SigningKey
+    from tessera.errors import ProtocolError
     from tessera.roster import RosterFile
     from tessera.secagg.config import ParticipantPolicy
     from tessera.secagg.messages import MaskedInput, StartAggregation
@@ -126,6 +135,7 @@ def participant_main(job: Job, started: Any, results: Any) -> None:
     limits: WireLimits | None = None
     max_payload = 4 * job.params + (1 << 16)
     drops = False
+    dropped_in = 0
     try:
         while True:
             delivery = transport.receive(timeout=5.0)
@@ -136,12 +146,16 @@ def participant_main(job: Job, started: Any, results: Any) -> None:
                 transport.ack(delivery)
                 break
             if isinstance(header, protocol.RoundAnnouncement):
+                if drops and header.round == dropped_in:  # gone for the rest of that round (retries too)
+                    transport.ack(delivery)
+                    continue
                 protocol.weights_from_bytes(payload)
                 layout = header.layout.layout()
-                vector = encode(layout, job.seed, index, header.round, job.params)
+                vector = encode(layout, job.seed, index, header.round, header.attempt, job.params)
                 limits = WireLimits(max_participants=n, vector_length=layout.length, ring_bits=32)
                 max_payload = max(4 * job.params, limits.max_message_bytes)
                 drops = index in dropping(job.seed, header.round, n, job.dropout)
+                dropped_in = header.round
                 session = None
                 ready = protocol.Ready(
                     federation=job.federation,
@@ -162,8 +176,12 @@ def participant_main(job: Job, started: Any, results: Any) -> None:
                         ),
                         vector=vector,
                     )
+                try:
+                    replies = session.receive(message) if session is not None else []  # type: ignore[arg-type]
+                except ProtocolError:  # a leftover of an aborted attempt
+                    replies = []
                 if session is not None:
-                    for reply in session.receive(message):  # type: ignore[arg-type]
+                    for reply in replies:
                         if drops and isinstance(reply, MaskedInput):
                             session = None  # gone: sends nothing more in this round
                             break
@@ -329,6 +347,23 @@ class Load:
         )
 
     def round(self, r: int, layout: Any) -> dict[str, Any]:
+        """A round as the curator service runs it: an attempt that aborts is retried with fresh keys under a
+        new aggregation id (``--attempts`` in all), with the participants that were still there."""
+        awaited = set(self.organisations)
+        attempts: list[dict[str, Any]] = []
+        for attempt in range(self.args.attempts):
+            result = self.attempt(r, attempt, layout, awaited)
+            attempts.append(result)
+            if result["failed"] is None:
+                break
+            awaited = result["still_there"]
+        final = dict(attempts[-1])
+        final["seconds"] = sum(a["seconds"] for a in attempts)
+        final["aborted_attempts"] = [a["failed"] for a in attempts if a["failed"] is not None]
+        final["wrong"] = any(a["wrong"] for a in attempts)
+        return final
+
+    def attempt(self, r: int, attempt: int, layout: Any, awaited: set[str]) -> dict[str, Any]:
         from tessera import protocol
         from tessera.errors import ProtocolError
         from tessera.models import ModelSpec
@@ -339,11 +374,11 @@ class Load:
         from tessera.secagg.wire import encode as encode_secagg
 
         limits = WireLimits(max_participants=self.n, vector_length=layout.length, ring_bits=32)
-        aggregation = f"r{r}a0-{secrets.token_hex(4)}"
+        aggregation = f"r{r}a{attempt}-{secrets.token_hex(4)}"
         announcement = protocol.RoundAnnouncement(
             federation=self.federation,
             round=r,
-            attempt=0,
+            attempt=attempt,
             aggregation=aggregation,
             model=ModelSpec(name="mlp", kwargs={"synthetic_parameters": self.args.params}),
             model_fingerprint="0" * 64,
@@ -356,11 +391,11 @@ class Load:
         )
         ready: set[str] = set()
         deadline = time.perf_counter() + 300
-        while len(ready) < self.n:
+        while ready < awaited:
             delivery = self.transport.receive(timeout=1.0)
             if delivery is None:
                 if time.perf_counter() > deadline:
-                    raise TimeoutError(f"round {r}: {len(ready)} of {self.n} ready")
+                    raise TimeoutError(f"round {r}: {len(ready)} of {len(awaited)} ready")
                 continue
             header, _ = protocol.decode(delivery.body, max_payload=limits.max_message_bytes)
             if isinstance(header, protocol.Ready) and header.aggregation == aggregation:
@@ -422,12 +457,15 @@ class Load:
                 phase, mark = session.phase.value, now
         seconds = time.perf_counter() - t0
         if session.result is None:
+            logged = list(session.phase_log.values())
+            there = logged[min(len(logged), 3) - 1][1] if logged else frozenset(indices)  # masked inputs
             return {
                 "seconds": seconds,
                 "phases": phases,
                 "failed": session.abort_reason,
                 "wrong": False,
                 "late": late,
+                "still_there": {self.roster.organisation_of(i) for i in there},
             }
         before = self.weights
         aggregate = layout.decode(session.result.total)
@@ -437,12 +475,12 @@ class Load:
         # Not timed: the exact expectation, recomputed from the survivors' deterministic inputs.
         expected = np.zeros(layout.length, dtype=np.uint32)
         for index in survivors:
-            expected += encode(layout, self.args.seed, index, r, self.args.params)
+            expected += encode(layout, self.args.seed, index, r, attempt, self.args.params)
         exact = np.array_equal(expected, np.asarray(session.result.total))
         exact &= np.array_equal(
             self.weights, (before + layout.decode(expected).mean_update).astype(np.float32)
         )
-        dropped = dropping(self.args.seed, r, self.n, self.args.dropout)
+        dropped = dropping(self.args.seed, r, self.n, self.args.dropout) & set(indices)
         return {
             "seconds": seconds,
             "phases": phases,
@@ -493,7 +531,7 @@ class Load:
                 f"  round {r} ({kind}): {result['seconds']:.2f} s  "
                 + " ".join(f"{k}={v:.2f}" for k, v in result["phases"].items())
                 + f"  survivors={result.get('survivors')} unplanned={result.get('unplanned_dropouts')}"
-                + f" failed={result['failed']} wrong={result['wrong']}"
+                + f" aborted={len(result['aborted_attempts'])} failed={result['failed']} wrong={result['wrong']}"
                 + "  cpu: "
                 + " ".join(f"{k}={v:.2f}" for k, v in result["cpu"].items())
                 + (f"  broker_rss={rss / 1024:.0f} MiB" if rss else "")
@@ -540,6 +578,8 @@ class Load:
             "rounds": len(rounds),
             "warmup_rounds": self.args.warmup,
             "failed_rounds": sum(1 for r in rounds if r["failed"] is not None),
+            "aborted_attempts": sum(len(r["aborted_attempts"]) for r in rounds),
+            "abort_reasons": [reason for r in rounds for reason in r["aborted_attempts"]],
             "wrong_results": sum(1 for r in rounds if r["wrong"]),
             "round_s_median": round(statistics.median(times), 3),
             "round_s_p95": q(times, 0.95),
@@ -581,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dropout", type=float, default=0.0, help="fraction dropping in every round")
     parser.add_argument(
         "--masked-timeout", type=float, default=10.0, help="masked-input phase timeout with dropouts, s"
+    )
+    parser.add_argument(
+        "--attempts", type=int, default=3, help="attempts per round, as rounds.attempts_per_round"
     )
     parser.add_argument("--broker", choices=["private", "shared"], default="private")
     parser.add_argument("--seed", type=int, default=0)
