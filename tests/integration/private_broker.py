@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -32,12 +33,34 @@ class PrivateBrokerUnavailable(Exception):
     """This host cannot run a private node (no RabbitMQ installed, no rabbitmq user, not root)."""
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    with contextlib.suppress(OSError, ValueError):
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now (the kernel picks it; a race with another process that binds
-    it before the node does is possible but makes the start fail loudly, never silently share a port)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A TCP port nobody listens on right now, *below* the kernel's ephemeral range.
+
+    Not one the kernel hands out for outgoing connections: while the node is stopped, the services keep
+    reconnecting to its port, and a port inside the ephemeral range can then be taken by a client socket
+    (another process's, or even a TCP self-connect to that very port), so the restarted node fails with
+    ``eaddrinuse`` (seen once in this suite). A race with another process that binds the port before the
+    node does is still possible but makes the start fail loudly, never silently share a port."""
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        if port in (4369, 5672, 15672, 25672):  # epmd and the shared broker's ports
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise PrivateBrokerUnavailable("no free TCP port below the ephemeral range")
 
 
 def _port_open(port: int) -> bool:

@@ -1,7 +1,8 @@
 """Organisations that are slow, that stall, or whose connection the broker cuts, in one federation of five.
 
 - ``slow`` sleeps after training in every round (``faults.slow_seconds``), about ten times as long as the
-  others take to become ready (measured and printed); the training deadline is long enough for it, so
+  others take to become ready on a quiet machine (measured and printed); the training deadline is long
+  enough for it, so
   every round waits for it and includes it.
 - ``staller`` hangs 8 s before sending its shares in round 2, twice the phase timeout: round 2 goes on
   without it (it is not among the share senders, so it is not in the sum); then it comes back, its late
@@ -107,7 +108,8 @@ def test_slow_stalled_and_cut_off_organisations(federation):
         others = [seconds_between(announced[r], ready[(o, r)]) for o in steady if (o, r) in ready]
         mine = seconds_between(announced[r], ready[(slow, r)])
         ratios.append(mine / max(statistics.median(others), 1e-3))
+        assert mine >= SLOW_SECONDS, f"round {r}: the slow organisation was ready after {mine} s"
+    # About 10x on a quiet machine (the steady ones are ready in about a second); on a busy one the steady
+    # ones slow down and the ratio drops (2.5-6x at load average 90), so it is printed, not asserted.
     print(f"slow organisation / median of the steady ones, time to ready per round: {ratios}")
-    # About 10x on a quiet machine; the steady ones slow down on a busy one, so only 6x is required.
-    assert statistics.median(ratios) >= 6, ratios
     check_federation(fed, report)
