@@ -2,8 +2,7 @@
 
 - ``slow`` sleeps after training in every round (``faults.slow_seconds``), about ten times as long as the
   others take to become ready on a quiet machine (measured and printed); the training deadline is long
-  enough for it, so
-  every round waits for it and includes it.
+  enough for it, so every round waits for it and includes it.
 - ``staller`` hangs 8 s before sending its shares in round 2, twice the phase timeout: round 2 goes on
   without it (it is not among the share senders, so it is not in the sum); then it comes back, its late
   shares are refused, and it is in round 3 again.
