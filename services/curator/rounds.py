@@ -144,6 +144,7 @@ class Curator:
                 break
             round_number = self.state.rounds_completed + 1
             structlog.contextvars.bind_contextvars(federation=self.settings.federation, round=round_number)
+            self._maybe_pause(round_number)
             for attempt in range(rounds.attempts_per_round):
                 if self._run_round(round_number, attempt):
                     break
@@ -189,6 +190,16 @@ class Curator:
             return False
         self._complete(round_number, attempt, outcome)
         return True
+
+    def _maybe_pause(self, round_number: int) -> None:
+        """Fault injection for resilience tests (TESSERA_FAULTS__PAUSE_BEFORE_ROUND); never set in production."""
+        faults = self.settings.faults
+        if faults.pause_before_round == round_number:
+            log.warning("fault_injection_pause", seconds=faults.pause_seconds)
+            deadline = self.clock() + faults.pause_seconds
+            while self.clock() < deadline:
+                self.heartbeat()
+                time.sleep(min(0.5, max(0.0, deadline - self.clock())))
 
     # --- the steps of a round ---------------------------------------------------------------------------------
 

@@ -123,6 +123,18 @@ class ValidationSetSettings(BaseModel):
     label_column: str | None = Field(default=None, description="label column of a CSV file")
 
 
+class CuratorFaultInjection(BaseModel):
+    """For resilience tests only: hold the curator between two rounds so a test can disturb it there (stop
+    the broker, kill the curator). Never set in production (no chart value renders these)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pause_before_round: int | None = Field(
+        default=None, ge=1, description="TESTING ONLY: sleep before announcing this round (first attempt)"
+    )
+    pause_seconds: float = Field(default=5.0, gt=0, description="TESTING ONLY: how long to sleep")
+
+
 class CuratorSettings(BaseSettings):
     """Every setting of ``tessera curator``."""
 
@@ -149,6 +161,7 @@ class CuratorSettings(BaseSettings):
     secagg: SecAggSettings = Field(default_factory=SecAggSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     validation: ValidationSetSettings | None = Field(default=None, description="curator-held validation set")
+    faults: CuratorFaultInjection = Field(default_factory=CuratorFaultInjection, description="testing only")
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

@@ -23,6 +23,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -42,21 +43,33 @@ from tessera.roster import RosterFile, normalise_fingerprint, secure_fingerprint
 from tessera.secagg.config import ParticipantPolicy
 from tessera.secagg.messages import (
     AdvertiseKeys,
+    ConsistencySignature,
+    EncryptedShares,
     MaskedInput,
-    ParticipantMessage,
     StartAggregation,
     UnmaskShares,
     advertisement_signed_bytes,
 )
 from tessera.secagg.participant import ParticipantSession, ParticipantState
 from tessera.secagg.wire import WireLimits
+from tessera.storage import atomic_write_arrays
 from torch import nn
 
 from .plan import training_mode
+from .replay import ReplayGuard
 from .settings import ParticipantSettings
 from .training import Contribution, RoundInputs, TrainingMode
 
 log = structlog.get_logger("tessera.participant")
+
+# Fault injection (testing only): the message types a participant can be told to stall before sending.
+_STALL_POINTS: dict[type, str] = {
+    AdvertiseKeys: "advertise",
+    EncryptedShares: "shares",
+    MaskedInput: "masked_input",
+    ConsistencySignature: "consistency",
+    UnmaskShares: "unmask",
+}
 
 
 class Exit(enum.Enum):
@@ -134,7 +147,7 @@ class Participant:
         self._announcement: protocol.RoundAnnouncement | None = None
         self._session: ParticipantSession | None = None
         self._limits: WireLimits | None = None
-        self._announced: set[str] = set()  # aggregation ids announced in the current round
+        self._guard = ReplayGuard(settings.state_dir)  # announcements acted on, kept across restarts
         self._rng = np.random.default_rng(
             secrets.randbits(128) if settings.training_seed is None else settings.training_seed
         )
@@ -209,16 +222,10 @@ class Participant:
 
     def _on_round(self, header: protocol.RoundAnnouncement, payload: bytes) -> Exit | None:
         self._check_roster(header)
-        # A replayed or redelivered announcement must not restart work (or spend privacy) on an old model.
-        current = self._announcement
-        if current is not None and header.round < current.round:
-            raise ProtocolError(f"stale announcement of round {header.round} during round {current.round}")
-        if header.aggregation in self._announced:
-            raise ProtocolError(f"repeated announcement of aggregation {header.aggregation}")
         weights = protocol.weights_from_bytes(payload)  # refused before anything below changes state
-        if current is None or header.round > current.round:
-            self._announced.clear()
-        self._announced.add(header.aggregation)
+        # A replayed or redelivered announcement must not restart work (or spend privacy) on an old model,
+        # also after a restart: the guard is saved before anything below acts on the announcement.
+        self._guard.admit(header.round, header.aggregation)
         structlog.contextvars.bind_contextvars(round=header.round, phase="announce")
         refusal = self._check_model(header)
         if refusal is not None:
@@ -245,6 +252,7 @@ class Participant:
             self._work = self._compute(header, digest, weights)
         else:
             log.info("update_reused", attempt=header.attempt)
+        self._inject_faults("ready")
         self._send(
             seal(
                 protocol.Ready(
@@ -339,6 +347,9 @@ class Participant:
         )
         self.metrics.trained(time.monotonic() - started)
         self._report_epsilon()
+        if self.settings.faults.slow_seconds:
+            log.warning("fault_injection_slow", seconds=self.settings.faults.slow_seconds)
+            time.sleep(self.settings.faults.slow_seconds)
         return _Work(round=round_number, weights_digest=digest, layout=layout, contribution=contribution)
 
     def _report_epsilon(self) -> None:
@@ -353,10 +364,11 @@ class Participant:
 
     # --- secure aggregation -----------------------------------------------------------------------------------
 
-    def _inject_faults(self, reply: ParticipantMessage) -> ParticipantMessage:
-        """Fault injection for resilience and security tests (TESSERA_FAULTS__*); never set in production."""
+    def _inject_faults(self, reply: Any) -> Any:
+        """Fault injection for resilience and security tests (TESSERA_FAULTS__*); never set in production.
+        ``reply`` is the secure-aggregation message about to be sent, or ``"ready"``."""
         faults = self.settings.faults
-        kind = {MaskedInput: "masked_input", UnmaskShares: "unmask"}.get(type(reply))
+        kind = "ready" if reply == "ready" else _STALL_POINTS.get(type(reply))
         round_number = self._announcement.round if self._announcement is not None else None
         if (
             faults.stall_before is not None
@@ -386,6 +398,12 @@ class Participant:
             if self._session is not None:  # a replay or redelivery must not restart the session with new keys
                 raise ProtocolError(f"duplicate start of aggregation {ids.aggregation}")
             layout = self._work.layout
+            vector = self._work.contribution.vector(message.config)
+            if self.settings.faults.record_inputs:  # TESTING ONLY: the input in the clear, for the checks
+                atomic_write_arrays(
+                    self.settings.state_dir / "fault-injection" / "inputs" / f"{ids.aggregation}.npz",
+                    vector=vector,
+                )
             session = ParticipantSession(
                 index=self.index,
                 identity=self.identity,
@@ -396,7 +414,7 @@ class Participant:
                     ring_bits=layout.ring_bits,
                     rules=self.roster.parameters.rules(),
                 ),
-                vector=self._work.contribution.vector(message.config),
+                vector=vector,
             )
         if session is None:
             raise ProtocolError(f"{type(message).__name__} outside an aggregation")

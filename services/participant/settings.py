@@ -96,14 +96,21 @@ class PrivacySettings(BaseModel):
         return self.lr * self.lr_decay ** max(0, round_number - 1)
 
 
+StallPoint = Literal["ready", "advertise", "shares", "masked_input", "consistency", "unmask"]
+"""Where a participant can be told to hang: before sending its ``ready`` report (after training), or before
+sending the secure-aggregation message of that phase (AdvertiseKeys, EncryptedShares, MaskedInput,
+ConsistencySignature, UnmaskShares)."""
+
+
 class FaultInjection(BaseModel):
     """For resilience and security tests only: make this participant hang at a chosen point so a test can kill
-    it there, or misbehave as a hostile insider would."""
+    it there, slow it down, have it record what it submits so a test can recompute the aggregate, or
+    misbehave as a hostile insider would. Never set in production (no chart value renders these)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    stall_before: Literal["masked_input", "unmask"] | None = Field(
-        default=None, description="TESTING ONLY: hang before sending this secure-aggregation message"
+    stall_before: StallPoint | None = Field(
+        default=None, description="TESTING ONLY: hang before sending this message"
     )
     stall_seconds: float = Field(default=3600.0, gt=0, description="TESTING ONLY: how long to hang")
     stall_round: int = Field(default=1, ge=1, description="TESTING ONLY: the round in which to hang")
@@ -111,6 +118,17 @@ class FaultInjection(BaseModel):
         default=False,
         description="TESTING ONLY: act as a hostile insider that advertises an all-zero (low-order) masking "
         "key, signed with its own identity key, in every aggregation",
+    )
+    slow_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description="TESTING ONLY: sleep this long after training in every round (a slow organisation)",
+    )
+    record_inputs: bool = Field(
+        default=False,
+        description="TESTING ONLY: write the ring vector this participant submits to each aggregation to "
+        "<state_dir>/fault-injection/inputs/<aggregation>.npz, so a test can recompute the exact sum; it "
+        "is this organisation's update in the clear, so never in production",
     )
 
 

@@ -40,6 +40,10 @@ NOT_RENDERED = {
     "TESSERA_FAULTS__STALL_BEFORE": "fault injection, for resilience tests only",
     "TESSERA_FAULTS__STALL_SECONDS": "fault injection, for resilience tests only",
     "TESSERA_FAULTS__STALL_ROUND": "fault injection, for resilience tests only",
+    "TESSERA_FAULTS__SLOW_SECONDS": "fault injection, for resilience tests only",
+    "TESSERA_FAULTS__RECORD_INPUTS": "fault injection, for resilience tests only",
+    "TESSERA_FAULTS__PAUSE_BEFORE_ROUND": "fault injection, for resilience tests only",
+    "TESSERA_FAULTS__PAUSE_SECONDS": "fault injection, for resilience tests only",
 }
 # Values on top of the ci files that switch on the settings no ci file renders.
 EXTRA_VALUES = {

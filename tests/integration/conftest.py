@@ -51,6 +51,8 @@ import pika.exceptions
 import pytest
 from pydantic import SecretStr
 
+from .private_broker import PrivateBroker, PrivateBrokerUnavailable
+
 BROKER_URL = os.environ.get("TESSERA_TEST_AMQP_URL", "amqp://127.0.0.1:5672/")
 TAP_QUEUE = "curator.integration-tap"
 LABELS = ("benign", "malignant")
@@ -206,10 +208,17 @@ class Federation:
         participant: dict[str, Any] | None = None,
         roster: dict[str, Any] | None = None,
         cleanups: list[threading.Thread],
+        broker: PrivateBroker | None = None,
+        durable_tap: bool = False,
     ) -> None:
+        """``broker``: a private RabbitMQ node of the test's own (to restart it) instead of the shared broker
+        at ``BROKER_URL``. ``durable_tap``: the tap queue survives a broker restart (with what it holds)."""
         from tessera.roster import FederationParameters, build_roster, create_identity
 
         self.root = root
+        self.broker = broker
+        self.broker_url = broker.url if broker is not None else BROKER_URL
+        self.durable_tap = durable_tap
         self.cleanups = cleanups
         tag = uuid.uuid4().hex[:8]
         self.federation = f"it-{tag}"
@@ -256,7 +265,7 @@ class Federation:
 
         def broker_settings(user: str) -> dict[str, Any]:
             return {
-                "url": BROKER_URL,
+                "url": self.broker_url,
                 "username": user,
                 "password_file": str(secrets_dir / user),
                 "max_reconnect_delay": 2.0,
@@ -332,19 +341,26 @@ class Federation:
             organisation_passwords={o: self.passwords[o] for o in self.organisations},
             curator_user=self.curator_user,
             prune=False,  # fresh names: nothing to prune, and it saves a rabbitmqctl call
+            backend=self.admin_backend(),
         )
         with self.connect(self.curator_user) as connection:
             channel = connection.channel()
             declare_topology(channel, self.federation, self.organisations)
-            channel.queue_declare(TAP_QUEUE, durable=False)
+            channel.queue_declare(TAP_QUEUE, durable=self.durable_tap)
             channel.queue_bind(TAP_QUEUE, topo.TO_PARTICIPANTS_EXCHANGE, routing_key="to.#")
             channel.queue_bind(TAP_QUEUE, topo.TO_CURATOR_EXCHANGE, routing_key="from.#")
+
+    def admin_backend(self) -> Any:
+        """``rabbitmqctl`` for the federation's broker (``-n`` the private node's name, if it has one)."""
+        from tessera.transport.provision import RabbitmqctlBackend
+
+        return RabbitmqctlBackend(node=self.broker.node if self.broker is not None else None)
 
     def connect(self, user: str) -> pika.BlockingConnection:
         """A short-lived plain pika connection to the federation's vhost as ``user``."""
         from tessera.transport import ConnectionSettings, connection_parameters
 
-        parts = urlsplit(BROKER_URL)
+        parts = urlsplit(self.broker_url)
         netloc = f"{quote(user, safe='')}:{quote(self.passwords[user], safe='')}@{parts.hostname}"
         url = f"amqp://{netloc}:{parts.port or 5672}/"
         params = connection_parameters(ConnectionSettings(url=SecretStr(url)), virtual_host=self.vhost)
@@ -438,7 +454,7 @@ class Federation:
                 process.popen.wait(timeout=30)
         if print_logs:
             print(self.diagnostics())
-        if self.provisioned:
+        if self.provisioned and self.broker is None:  # a private node is removed whole by its fixture
             from tessera.transport import deprovision
 
             cleanup = threading.Thread(
@@ -663,3 +679,22 @@ def federation(
     failed = report is None or report.failed
     for fed in created:
         fed.close(print_logs=failed)
+
+
+@pytest.fixture
+def private_broker(request: pytest.FixtureRequest) -> Iterator[PrivateBroker]:
+    """A running RabbitMQ node of this test's own (see ``private_broker.py``), to stop and start at will;
+    pass it as ``federation(broker=...)``. Stopped and removed in the finalizer whatever happens (after the
+    federations, which the ``federation`` fixture closes first when a test names it after this one)."""
+    try:
+        node = PrivateBroker()
+    except PrivateBrokerUnavailable as exc:
+        pytest.skip(f"cannot run a private RabbitMQ node: {exc}")
+    try:
+        node.start()
+        yield node
+    finally:
+        report = getattr(request.node, "rep_call", None)
+        if report is None or report.failed:
+            print(f"=== private broker {node.node} ({node.url})\n{node.log()}")
+        node.close()
