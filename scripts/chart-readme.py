@@ -58,7 +58,9 @@ def main(charts: list[str]) -> None:
         lines = readme.read_text().splitlines()
         start = lines.index("## Parameters")
         end = start + 1
-        while end < len(lines) and (not lines[end].strip() or lines[end][:1] == "|" or lines[end].startswith("### ")):
+        while end < len(lines) and (
+            not lines[end].strip() or lines[end][:1] == "|" or lines[end].startswith("### ")
+        ):
             end += 1
         kept = {m.group(1): m.group(2) for line in lines[start:end] if (m := ROW.match(line))}
         # A default the values changed is regenerated; hand-written ones ("see values.yaml") are kept.

@@ -133,7 +133,9 @@ def test_identity_key_reaches_the_service_owner_only(helm: Helm, ci_file: Path) 
         assert stored_volume is state, "the key lives on the state claim, with the privacy accountant"
         create = inits["identity-init"]
         assert create["command"] == ["tessera"] and create["args"][:2] == ["identity", "init"]
-        assert create["args"][create["args"].index("--key") + 1] == stored and "--if-missing" in create["args"]
+        assert (
+            create["args"][create["args"].index("--key") + 1] == stored and "--if-missing" in create["args"]
+        )
         assert volume_for_path(pod, create, stored)[0] is stored_volume
         assert "identity-secret" not in {v["name"] for v in pod["volumes"]}
     # install -m 0400 <stored key> <file in the in-memory volume the service reads>
