@@ -63,8 +63,14 @@ def test_round_below_threshold_aborts_and_is_retried_with_fresh_keys(federation)
     fed = federation(
         organisations=5,
         curator={
-            # The retry waits this long for the two dead ones; round 1 starts only once all are connected.
-            "rounds": {"max_rounds": 1, "min_participants": 3, "training_timeout": 8.0},
+            # Attempt 0 must invite all five, however slowly a loaded machine trains: a long training
+            # deadline. The retry waits only rejoin_wait for the two dead ones (they missed the attempt).
+            "rounds": {
+                "max_rounds": 1,
+                "min_participants": 3,
+                "training_timeout": 90.0,
+                "rejoin_wait": 8.0,
+            },
             "secagg": {"phase_timeout": 5.0},
         },
         roster={"threshold_fraction": 0.8},
