@@ -25,11 +25,14 @@ One body for several organisations (:meth:`CuratorTransport.send_many`) is one p
 one per recipient: routing key ``to.selected`` (``topology.SELECTED_KEY``, bound to no queue) and a ``BCC``
 header with the recipients' ``to.X`` keys on every chunk. RabbitMQ routes it to each inbox bound with one of
 those keys (once per queue) and strips ``BCC`` before delivery, so a recipient sees routing key
-``to.selected`` and nothing about the other recipients. ``mandatory`` then means "routed to at least one of
-them": an inbox deleted behind the curator's back would miss the message silently, where :meth:`send`
-would fail (the curator declares every inbox on each connection, so this takes an operator deleting one
-while it runs). ``CC`` and ``BCC`` are routing instructions to the broker, so applications may not set them
-as headers.
+``to.selected`` and nothing about the other recipients. ``mandatory`` then only means "routed to at least
+one of them" (the broker returns a message, not a copy per queue), so after the confirm the I/O thread checks
+each recipient's inbox with a passive declare: a missing one (deleted behind the curator's back, since the
+curator declares every inbox on each connection) missed the message, and the call raises
+:class:`PublishFailed` naming those organisations (``undelivered``) while the others keep their copy. This
+costs one small round trip per recipient, not one publish of the body per recipient. It sees a deleted
+queue, not a deleted binding (AMQP cannot list bindings; only the curator and operators can unbind).
+``CC`` and ``BCC`` are routing instructions to the broker, so applications may not set them as headers.
 
 Receiving uses manual acks and a bounded prefetch. The application acks a :class:`Delivery` only after its
 effect is saved, or rejects it (no requeue → ``curator.dead-letter``). Deliveries without ``user_id``, from
@@ -94,6 +97,7 @@ from tessera.transport.connection import (
 )
 from tessera.transport.errors import (
     ACCESS_REFUSED,
+    NOT_FOUND,
     PublishFailed,
     PublishRefused,
     TransportClosed,
@@ -172,9 +176,13 @@ class _PublishRequest:
     headers: dict[str, Any]
     broker_headers: dict[str, Any]
     generation: int
+    recipients: dict[str, str] = field(default_factory=dict)
+    """Inbox queue → organisation of a multi-recipient publish, checked after the confirm."""
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     cancelled: bool = False
+    missing: list[str] = field(default_factory=list)
+    """Filled by the I/O thread: the organisations among ``recipients`` whose inbox does not exist."""
 
 
 class _ConnectionLost(Exception):
@@ -264,6 +272,7 @@ class _Endpoint:
         # Owned by the I/O thread only.
         self._consume_ch: BlockingChannel | None = None
         self._publish_ch: BlockingChannel | None = None
+        self._probe_ch: BlockingChannel | None = None  # passive declares, which close it on a 404
         self._reassembler: Reassembler[int] = Reassembler(settings.reassembly, time.monotonic)
         self._app_extra = 0
         self._qos = 0
@@ -398,11 +407,14 @@ class _Endpoint:
         headers: Mapping[str, Any] | None,
         message_id: str | None,
         broker_headers: Mapping[str, Any] | None = None,
+        recipients: Mapping[str, str] | None = None,
     ) -> str:
         """Publish and wait for the broker's confirm; returns the message id. See the module docstring.
 
         ``broker_headers`` (the transport's own, such as ``BCC``) go on every chunk besides the
-        application's ``headers``, which may not use their names."""
+        application's ``headers``, which may not use their names. ``recipients`` (inbox → organisation)
+        are the inboxes a multi-recipient publish must reach: :class:`PublishFailed` with ``undelivered``
+        if some do not exist."""
         self._check_open()
         if not isinstance(body, bytes | bytearray | memoryview):
             raise LocalUsageError("the body must be bytes")
@@ -451,6 +463,7 @@ class _Endpoint:
                     app_headers,
                     extra,
                     generation,
+                    dict(recipients or {}),
                 )
                 self._inflight.add(request)
             try:
@@ -465,6 +478,10 @@ class _Endpoint:
                 request.cancelled = True
                 continue  # the deadline check above raises
             error = request.error
+            if error is None and request.missing:
+                missing = tuple(request.missing)
+                bound.warning("publish_failed", reason="inbox_missing", undelivered=list(missing))
+                raise PublishFailed(_undelivered_reason(missing), undelivered=missing)
             if error is None:
                 bound.debug("message_published", size=len(body), chunks=len(chunks))
                 return message_id
@@ -475,6 +492,10 @@ class _Endpoint:
                 bound.warning("publish_refused", reply_code=error.reply_code, reply_text=error.reply_text)
                 raise PublishRefused(error.reply_code, error.reply_text) from error
             if isinstance(error, pika.exceptions.UnroutableError):
+                if request.recipients:  # a multi-recipient publish that reached none of them
+                    missing = tuple(request.recipients.values())
+                    bound.warning("publish_failed", reason="unroutable", undelivered=list(missing))
+                    raise PublishFailed(_undelivered_reason(missing), undelivered=missing) from error
                 bound.warning("publish_failed", reason="unroutable")
                 keys = repr(routing_key) + (f" or its {BCC_HEADER} keys" if BCC_HEADER in extra else "")
                 raise PublishFailed(f"unroutable: no queue is bound for routing key {keys}") from error
@@ -520,6 +541,11 @@ class _Endpoint:
                 channel.basic_publish(
                     request.exchange, request.routing_key, chunk, properties=properties, mandatory=True
                 )
+            # After the last confirm: an inbox missing now was missing when (some chunk of) the message
+            # was routed, as only this thread re-declares inboxes (on a new connection).
+            request.missing = [
+                org for inbox, org in request.recipients.items() if not self._queue_exists(inbox)
+            ]
         except pika.exceptions.ChannelClosedByBroker as exc:
             request.error = exc
             self._reopen_publish_channel()
@@ -531,6 +557,24 @@ class _Endpoint:
             request.error = exc
         finally:
             request.done.set()
+
+    def _queue_exists(self, name: str) -> bool:
+        """I/O thread: a passive declare; the broker closes the channel on a 404, so it is reopened."""
+        channel = self._probe_ch
+        if channel is None or not channel.is_open:
+            with self._lock:
+                conn = self._conn
+            if conn is None or not conn.is_open:
+                raise _ConnectionLost("no connection for the inbox check")
+            channel = self._probe_ch = conn.channel()
+        try:
+            channel.queue_declare(name, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._probe_ch = None
+            if exc.reply_code != NOT_FOUND:
+                raise _ConnectionLost(f"inbox check of {name!r} failed: {_describe(exc)}") from exc
+            return False
+        return True
 
     def _reopen_publish_channel(self) -> None:
         with self._lock:
@@ -639,7 +683,7 @@ class _Endpoint:
         with self._lock:
             self._conn = None
             self._connected.clear()
-        self._consume_ch = self._publish_ch = None
+        self._consume_ch = self._publish_ch = self._probe_ch = None
         self._reassembler.clear()
         self._app_extra = 0
         self._fail_inflight()
@@ -772,6 +816,11 @@ class _Endpoint:
         self._deliveries.put(delivery)
 
 
+def _undelivered_reason(organisations: tuple[str, ...]) -> str:
+    names = ", ".join(repr(o) for o in organisations)
+    return f"not delivered to {names}: no inbox exists for them (the other recipients received it)"
+
+
 def _bcc_batches(keys: list[str]) -> list[list[str]]:
     """``keys`` in order, split so that each batch's ``BCC`` header stays under ``_MAX_BCC_BYTES``."""
     batches: list[list[str]] = [[]]
@@ -848,7 +897,8 @@ class CuratorTransport(_Endpoint):
         with routing key ``to.selected`` and without the list of recipients (see the module docstring).
         Every organisation must be in the roster and there must be at least one, or nothing is published
         (:class:`LocalUsageError`). A list too long for one message header (32 KiB of keys: several hundred
-        organisations) is split over several publishes, each confirmed."""
+        organisations) is split over several publishes, each confirmed. Raises :class:`PublishFailed` with
+        ``undelivered`` naming the organisations whose inbox is missing (the others received it)."""
         if isinstance(organisations, str | bytes):
             raise LocalUsageError("organisations must be a collection of organisation ids, not one string")
         recipients = list(dict.fromkeys(organisations))
@@ -858,15 +908,26 @@ class CuratorTransport(_Endpoint):
         if unknown:
             raise LocalUsageError(f"{unknown!r} are not in this federation's roster")
         message_id = message_id or uuid.uuid4().hex
-        for batch in _bcc_batches([topo.to_organisation_key(o) for o in recipients]):
-            self._publish(
-                topo.SELECTED_KEY,
-                body,
-                message_type=message_type,
-                headers=headers,
-                message_id=message_id,
-                broker_headers={BCC_HEADER: batch},
-            )
+        by_key = {topo.to_organisation_key(o): o for o in recipients}
+        undelivered: list[str] = []
+        for batch in _bcc_batches(list(by_key)):
+            try:
+                self._publish(
+                    topo.SELECTED_KEY,
+                    body,
+                    message_type=message_type,
+                    headers=headers,
+                    message_id=message_id,
+                    broker_headers={BCC_HEADER: batch},
+                    recipients={topo.participant_inbox(by_key[k]): by_key[k] for k in batch},
+                )
+            except PublishFailed as exc:
+                if not exc.undelivered:
+                    raise
+                undelivered += exc.undelivered  # the later batches' recipients still get theirs
+        if undelivered:
+            missing = tuple(undelivered)
+            raise PublishFailed(_undelivered_reason(missing), undelivered=missing)
         return message_id
 
     def broadcast(
