@@ -43,6 +43,17 @@ incomplete chunked messages plus the extra chunk deliveries of whole messages th
 each message counts once against ``prefetch`` and incomplete messages can never starve the window (which
 would deadlock). What incomplete messages can hold is bounded by the reassembly limits.
 
+Quorum queues (``docs/topology.md``, "Queue types") refuse a consumer on a channel with a channel-wide
+(``global``) window, and a per-consumer window is fixed when the consumer starts. On a quorum inbox the I/O
+thread therefore consumes with a per-consumer window and, when the window must change, cancels the
+consumer and starts a new one whose window is the wanted one less the deliveries the earlier consumers
+still hold unsettled (they stay valid on the channel), so the channel's total stays what it would be with a
+global window. This happens between event batches of the I/O loop, not inside a delivery callback, and
+only when a window changes (chunked messages), not per message. The curator knows its inboxes' type (it
+resolves and declares it); a participant configured with ``auto`` starts with a global window and, if the
+broker refuses that (540 "does not support global qos": its inbox is a quorum queue), reconnects with
+per-consumer windows.
+
 Reconnect
 ---------
 When the connection drops, the I/O thread reconnects with exponential backoff and jitter (logged), declares
@@ -92,12 +103,14 @@ from tessera.transport.connection import (
     MIB,
     ConnectionSettings,
     connection_parameters,
+    connection_parameters_list,
     parameters_username,
     redact_url,
 )
 from tessera.transport.errors import (
     ACCESS_REFUSED,
     NOT_FOUND,
+    PRECONDITION_FAILED,
     PublishFailed,
     PublishRefused,
     TransportClosed,
@@ -112,6 +125,8 @@ BCC_HEADER = "BCC"
 _ROUTING_HEADERS = frozenset({"cc", "bcc"})  # RabbitMQ routes on "CC" and "BCC"; refused in any case
 _MAX_BCC_BYTES = 32 * 1024  # per publish: the content header (with BCC) must fit in one frame (128 KiB)
 _HEADER_ROOM = 64 * 1024  # properties and headers travel in the same broker message as the chunk
+NOT_IMPLEMENTED = 540
+_DELIVERY_COUNT_HEADER = "x-delivery-count"
 
 
 class TransportSettings(BaseModel):
@@ -135,6 +150,11 @@ class TransportSettings(BaseModel):
     start_timeout: float = Field(default=30.0, gt=0, description="wait this long for the first connection, s")
     poll_interval: float = Field(
         default=0.2, gt=0, le=5.0, description="I/O thread's longest wait for events, s"
+    )
+    queue_type: topo.QueueType = Field(
+        default=topo.QueueType.AUTO,
+        description="x-queue-type of the queues the curator declares: auto (quorum where the broker "
+        "supports it and the queues are not classic already), quorum or classic",
     )
 
 
@@ -193,8 +213,18 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _refuses_global_qos(exc: BaseException) -> bool:
+    """The broker's answer to a channel-wide window on a quorum queue's consumer."""
+    return (
+        isinstance(exc, pika.exceptions.ConnectionClosedByBroker)
+        and exc.reply_code == NOT_IMPLEMENTED
+        and "global qos" in str(exc.reply_text)
+    )
+
+
 def _is_fatal_at_start(exc: BaseException) -> bool:
-    """Errors that retrying cannot fix (wrong credentials, no access to the vhost, missing permission)."""
+    """Errors that retrying cannot fix (wrong credentials, no access to the vhost, missing permission, a
+    queue that exists with other arguments such as another queue type)."""
     if isinstance(
         exc,
         pika.exceptions.ProbableAuthenticationError
@@ -205,7 +235,10 @@ def _is_fatal_at_start(exc: BaseException) -> bool:
         return True
     if isinstance(exc, pika.exceptions.ConnectionClosedByBroker) and exc.reply_code in (403, 530):
         return True
-    return isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code == ACCESS_REFUSED
+    return isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code in (
+        ACCESS_REFUSED,
+        PRECONDITION_FAILED,
+    )
 
 
 def _parse_chunk_headers(raw: Mapping[str, Any]) -> tuple[str, int, int] | None:
@@ -246,6 +279,14 @@ class _Endpoint:
             virtual_host=topo.vhost(federation),
             connection_name=f"tessera-{self._role}-{expected_user}",
         )
+        # The URL's broker, then ``connection.addresses``: each (re)connect tries them in turn, starting
+        # after the one whose connection was lost (in a cluster, another node is the likelier to answer).
+        self._params_list = connection_parameters_list(
+            settings.connection,
+            virtual_host=topo.vhost(federation),
+            connection_name=f"tessera-{self._role}-{expected_user}",
+        )
+        self._first_address = 0
         self.user = parameters_username(self._params)
         if self.user != expected_user:
             raise ConfigurationError(
@@ -276,6 +317,12 @@ class _Endpoint:
         self._reassembler: Reassembler[int] = Reassembler(settings.reassembly, time.monotonic)
         self._app_extra = 0
         self._qos = 0
+        # Per-consumer windows (quorum inboxes, see the module docstring): the current consumer, its
+        # window, and every unsettled delivery tag with the consumer it came from.
+        self._per_consumer_qos = settings.queue_type is topo.QueueType.QUORUM
+        self._consumer_tag: str | None = None
+        self._consumer_window = 0
+        self._unsettled: dict[int, str] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -386,6 +433,7 @@ class _Endpoint:
                     channel.basic_ack(tag)
                 else:
                     channel.basic_reject(tag, requeue=False)
+                self._unsettled.pop(tag, None)
             self._app_extra -= len(handle.tags) - 1
             self._update_qos()
 
@@ -606,10 +654,14 @@ class _Endpoint:
             while not self._stop.is_set():
                 conn: pika.BlockingConnection | None = None
                 try:
-                    conn = pika.BlockingConnection(self._params)
+                    conn = pika.BlockingConnection(self._addresses_in_turn())
                     self._setup(conn)
                 except Exception as exc:
                     self._close_quietly(conn)
+                    if _refuses_global_qos(exc) and not self._per_consumer_qos:
+                        self._per_consumer_qos = True
+                        self._log.info("per_consumer_prefetch_selected", reason="inbox is a quorum queue")
+                        continue
                     failures += 1
                     if not ever_connected and _is_fatal_at_start(exc):
                         self._fatal = exc
@@ -635,7 +687,14 @@ class _Endpoint:
                     self._conn = conn
                     self._generation += 1
                 self._connected.set()
-                self._log.info("broker_connected", generation=self._generation, prefetch=self._qos)
+                address = self._note_address(conn)
+                self._log.info(
+                    "broker_connected",
+                    generation=self._generation,
+                    prefetch=self._qos,
+                    address=address,
+                    per_consumer_prefetch=self._per_consumer_qos,
+                )
                 try:
                     self._loop(conn)
                 except Exception as exc:
@@ -651,14 +710,33 @@ class _Endpoint:
             self._fail_inflight()
             self._log.info("transport_stopped")
 
+    def _addresses_in_turn(self) -> list[pika.ConnectionParameters]:
+        first = self._first_address % len(self._params_list)
+        return self._params_list[first:] + self._params_list[:first]
+
+    def _note_address(self, conn: pika.BlockingConnection) -> str:
+        """Which of the addresses answered; the next reconnect starts with the one after it."""
+        used = getattr(getattr(conn, "_impl", None), "params", None)
+        for index, params in enumerate(self._params_list):
+            if used is not None and (params.host, params.port) == (used.host, used.port):
+                self._first_address = index + 1
+                return f"{params.host}:{params.port}"
+        return "?"
+
     def _setup(self, conn: pika.BlockingConnection) -> None:
         consume = conn.channel()
         self._prepare(consume)
         publish = conn.channel()
         publish.confirm_delivery()
         self._qos = self._settings.prefetch
-        consume.basic_qos(prefetch_count=self._qos, global_qos=True)
-        consume.basic_consume(self._inbox, self._on_message, auto_ack=False)
+        self._unsettled.clear()
+        self._consumer_tag = None
+        if self._per_consumer_qos:
+            consume.basic_qos(prefetch_count=self._qos, global_qos=False)
+            self._consumer_window = self._qos
+        else:
+            consume.basic_qos(prefetch_count=self._qos, global_qos=True)
+        self._consumer_tag = consume.basic_consume(self._inbox, self._on_message, auto_ack=False)
         self._consume_ch, self._publish_ch = consume, publish
         self._app_extra = 0
         self._reassembler.clear()
@@ -673,7 +751,7 @@ class _Endpoint:
                 self._reopen_publish_channel()
             for rejected in self._reassembler.expire():
                 self._reject_tags(rejected.tokens, rejected.reason, rejected.sender, rejected.message_id)
-            self._update_qos()
+            self._update_qos(between_events=True)
 
     def _disconnect(self, conn: pika.BlockingConnection) -> None:
         if self._stop.is_set() and conn.is_open:
@@ -684,6 +762,8 @@ class _Endpoint:
             self._conn = None
             self._connected.clear()
         self._consume_ch = self._publish_ch = self._probe_ch = None
+        self._consumer_tag = None
+        self._unsettled.clear()
         self._reassembler.clear()
         self._app_extra = 0
         self._fail_inflight()
@@ -702,14 +782,34 @@ class _Endpoint:
                 request.error = _ConnectionLost("connection closed")
                 request.done.set()
 
-    def _update_qos(self) -> None:
+    def _update_qos(self, *, between_events: bool = False) -> None:
         channel = self._consume_ch
         if channel is None or not channel.is_open:
             return
         wanted = min(65535, self._settings.prefetch + self._reassembler.held_tokens + self._app_extra)
-        if wanted != self._qos:
-            channel.basic_qos(prefetch_count=wanted, global_qos=True)
-            self._qos = wanted
+        if not self._per_consumer_qos:
+            if wanted != self._qos:
+                channel.basic_qos(prefetch_count=wanted, global_qos=True)
+                self._qos = wanted
+            return
+        if not between_events:
+            return  # a consumer is replaced from the I/O loop, never inside a delivery callback
+        # What earlier (cancelled) consumers delivered and is still unsettled counts against the window
+        # too: the new consumer gets the rest, so the channel's total is ``wanted`` as with a global window.
+        earlier = sum(1 for consumer in self._unsettled.values() if consumer != self._consumer_tag)
+        window = max(0, wanted - earlier)
+        self._qos = wanted
+        if window == self._consumer_window and (self._consumer_tag is not None or window == 0):
+            return
+        if self._consumer_tag is not None:
+            # pika nacks (requeues) deliveries that arrive for the cancelled consumer before cancel-ok;
+            # the broker redelivers them to the next consumer (redelivered=True).
+            channel.basic_cancel(self._consumer_tag)
+            self._consumer_tag = None
+        self._consumer_window = window
+        if window > 0:  # a window of 0 would mean "unlimited"
+            channel.basic_qos(prefetch_count=window, global_qos=False)
+            self._consumer_tag = channel.basic_consume(self._inbox, self._on_message, auto_ack=False)
 
     def _reject_tags(
         self, tags: tuple[int, ...], reason: str, sender: str | None, message_id: str | None
@@ -727,6 +827,7 @@ class _Endpoint:
             return
         for tag in tags:
             channel.basic_reject(tag, requeue=False)
+            self._unsettled.pop(tag, None)
 
     def _on_message(
         self,
@@ -736,6 +837,7 @@ class _Endpoint:
         body: bytes,
     ) -> None:
         tag = method.delivery_tag
+        self._unsettled[tag] = method.consumer_tag
         sender = properties.user_id
         routing_key = method.routing_key
         if not sender:
@@ -746,6 +848,9 @@ class _Endpoint:
             self._reject_tags((tag,), reason, sender, properties.message_id)
             return
         headers = dict(properties.headers or {})
+        # A quorum queue counts redeliveries in this header: the broker's bookkeeping, not the sender's
+        # content (chunks of one message must agree on their headers, and a redelivered one would not).
+        headers.pop(_DELIVERY_COUNT_HEADER, None)
         chunk_headers = {h: headers.pop(h) for h in CHUNK_HEADERS if h in headers}
         generation = self._generation
         if not chunk_headers:
@@ -862,6 +967,8 @@ class CuratorTransport(_Endpoint):
             exchange=topo.TO_PARTICIPANTS_EXCHANGE,
         )
         self._roster = frozenset(self.organisations)
+        self.queue_type: topo.QueueType | None = None
+        """The type the curator declared its queues with on the last connection (``auto`` resolved)."""
 
     def send(
         self,
@@ -944,7 +1051,10 @@ class CuratorTransport(_Endpoint):
         )
 
     def _prepare(self, channel: BlockingChannel) -> None:
-        topo.declare_topology(channel, self.federation, self.organisations)
+        queue_type = topo.resolve_queue_type(channel.connection, self._settings.queue_type)
+        self.queue_type = queue_type
+        self._per_consumer_qos = queue_type is topo.QueueType.QUORUM
+        topo.declare_topology(channel, self.federation, self.organisations, queue_type)
 
     def _check_origin(self, sender: str, routing_key: str) -> str | None:
         if sender not in self._roster:
