@@ -19,12 +19,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings
 
 from tessera.errors import ConfigurationError
 from tessera.transport import ConnectionSettings, TlsSettings, TransportSettings
-from tessera.transport.connection import ReconnectPolicy
+from tessera.transport.connection import ReconnectPolicy, parse_address
+from tessera.transport.topology import QueueType
+
+
+def _split_addresses(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 class BrokerSettings(BaseModel):
@@ -53,6 +58,23 @@ class BrokerSettings(BaseModel):
         gt=0,
         description="how long to wait for the broker (and, for a participant, the curator's topology) at start-up, s",
     )
+    # A string, not a list: one environment variable / chart value, "node-1:5672,node-2:5672".
+    addresses: str = Field(
+        default="",
+        description="more brokers (host:port, comma-separated: a cluster's other nodes) tried in turn after the URL's",
+    )
+    queue_type: QueueType = Field(
+        default=QueueType.AUTO,
+        description="x-queue-type the curator declares the queues with: auto (quorum where the broker "
+        "supports it, unless they exist as classic), quorum or classic (docs/topology.md)",
+    )
+
+    @field_validator("addresses")
+    @classmethod
+    def _check_addresses(cls, value: str) -> str:
+        for address in _split_addresses(value):
+            parse_address(address)
+        return value
 
     def transport(self) -> TransportSettings:
         password = self.password
@@ -70,12 +92,14 @@ class BrokerSettings(BaseModel):
             tls=self.tls,
             heartbeat=self.heartbeat,
             reconnect=ReconnectPolicy(max_delay=self.max_reconnect_delay),
+            addresses=_split_addresses(self.addresses),
         )
         return TransportSettings(
             connection=connection,
             prefetch=self.prefetch,
             chunk_size=self.chunk_size,
             start_timeout=self.start_timeout,
+            queue_type=self.queue_type,
         )
 
 

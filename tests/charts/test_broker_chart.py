@@ -303,3 +303,109 @@ def test_missing_required_values_fail(helm: Helm) -> None:
 
 def test_every_value_is_documented() -> None:
     assert_every_value_documented(CHART)
+
+
+# ---------------------------------------------------------------------------------------------- clustering
+CLUSTER_CI = CHART_DIR / "ci" / "cluster-values.yaml"
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_one_replica_is_a_single_node_without_discovery_or_rbac(helm: Helm) -> None:
+    docs = ci_render(helm, CHART_DIR / "ci" / "default-values.yaml")
+    sts = one(docs, "StatefulSet")
+    assert sts["spec"]["replicas"] == 1 and sts["spec"]["podManagementPolicy"] == "OrderedReady"
+    pod = sts["spec"]["template"]["spec"]
+    for container in pod["containers"]:  # the node and the provisioner's rabbitmqctl agree on the name
+        assert env_of(container)["RABBITMQ_NODENAME"] == "rabbit@localhost", container["name"]
+        assert "RABBITMQ_USE_LONGNAME" not in env_of(container)
+    config = one(docs, "ConfigMap", "-config")["data"]
+    assert "cluster_formation" not in config["rabbitmq.conf"] and config["enabled_plugins"].strip() == "[]."
+    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+    assert "affinity" not in pod
+    netpol = one(docs, "NetworkPolicy")
+    assert [p["port"] for rule in netpol["spec"]["ingress"] for p in rule["ports"]] == [5672]
+
+
+def test_three_replicas_form_a_cluster_by_kubernetes_peer_discovery(helm: Helm) -> None:
+    docs = ci_render(helm, CLUSTER_CI)
+    sts = one(docs, "StatefulSet")
+    assert sts["spec"]["replicas"] == 3 and sts["spec"]["podManagementPolicy"] == "Parallel"
+    headless = sts["spec"]["serviceName"]
+    pod = sts["spec"]["template"]["spec"]
+    namespace = sts["metadata"]["namespace"]
+    node_name = f"rabbit@$(MY_POD_NAME).{headless}.{namespace}.svc.cluster.local"
+    for container in pod["containers"]:
+        env = env_of(container)
+        assert env["RABBITMQ_NODENAME"] == node_name and env["RABBITMQ_USE_LONGNAME"] == "true", container[
+            "name"
+        ]
+        assert env["MY_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    conf = {line.strip() for line in one(docs, "ConfigMap", "-config")["data"]["rabbitmq.conf"].splitlines()}
+    assert "cluster_formation.peer_discovery_backend = rabbit_peer_discovery_k8s" in conf
+    assert "cluster_partition_handling = pause_minority" in conf
+    assert not any(line.startswith("cluster_formation.k8s.") for line in conf)  # 4.1: no API needed
+    assert (
+        one(docs, "ConfigMap", "-config")["data"]["enabled_plugins"].strip()
+        == "[rabbitmq_peer_discovery_k8s]."
+    )
+    # RBAC is off unless asked for: no Role, no token.
+    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+    assert pod["automountServiceAccountToken"] is False
+    # The nodes spread over machines and reach each other's Erlang ports, nobody else does.
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
+    service = next(s for s in by_kind(docs, "Service") if s["metadata"]["name"] == headless)
+    assert {p["port"] for p in service["spec"]["ports"]} == {5672, 4369, 25672}
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    netpol = one(docs, "NetworkPolicy")
+    clients, peers = netpol["spec"]["ingress"]
+    assert [p["port"] for p in clients["ports"]] == [5672]
+    assert peers["from"] == [{"podSelector": {"matchLabels": sts["spec"]["selector"]["matchLabels"]}}]
+    assert sorted(p["port"] for p in peers["ports"]) == [4369, 25672]
+    egress_ports = sorted(p["port"] for rule in netpol["spec"]["egress"] for p in rule["ports"])
+    assert egress_ports == [53, 53, 4369, 25672]
+
+
+def test_cluster_rbac_allows_only_getting_the_headless_endpoints(helm: Helm) -> None:
+    docs = ci_render(helm, CLUSTER_CI, "--set", "clustering.rbac.create=true")
+    sts = one(docs, "StatefulSet")
+    headless = sts["spec"]["serviceName"]
+    (role,) = by_kind(docs, "Role")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["endpoints"], "resourceNames": [headless], "verbs": ["get"]}
+    ]
+    (binding,) = by_kind(docs, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    account = sts["spec"]["template"]["spec"]["serviceAccountName"]
+    namespace = sts["metadata"]["namespace"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]
+    assert sts["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    conf = one(docs, "ConfigMap", "-config")["data"]["rabbitmq.conf"]
+    assert f"cluster_formation.k8s.service_name = {headless}" in conf
+    assert "cluster_formation.k8s.address_type = hostname" in conf
+    egress_ports = {p["port"] for rule in one(docs, "NetworkPolicy")["spec"]["egress"] for p in rule["ports"]}
+    assert {443, 6443} <= egress_ports
+    validate_strict(docs, K8S_VERSIONS[-1])
+    # With one replica the switch changes nothing: there is nothing to discover.
+    single = helm.render(CHART, *BASE, "--set", "clustering.rbac.create=true")
+    assert not by_kind(single, "Role")
+    assert one(single, "StatefulSet")["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("replicas", ["2", "4", "9", "0"])
+def test_even_or_oversized_replica_counts_are_refused(helm: Helm, replicas: str) -> None:
+    with pytest.raises(helm.Error, match="replicas"):
+        helm.run("template", "t", str(CHART_DIR), *BASE, "--set", f"replicas={replicas}")
+    with pytest.raises(helm.Error, match=f"replicas {replicas} is not supported"):
+        helm.run(
+            "template",
+            "t",
+            str(CHART_DIR),
+            "--skip-schema-validation",
+            *BASE,
+            "--set",
+            f"replicas={replicas}",
+        )

@@ -51,6 +51,7 @@ import pika.exceptions
 import pytest
 from pydantic import SecretStr
 
+from .cluster import RabbitCluster
 from .private_broker import PrivateBroker, PrivateBrokerUnavailable
 
 BROKER_URL = os.environ.get("TESSERA_TEST_AMQP_URL", "amqp://127.0.0.1:5672/")
@@ -208,17 +209,21 @@ class Federation:
         participant: dict[str, Any] | None = None,
         roster: dict[str, Any] | None = None,
         cleanups: list[threading.Thread],
-        broker: PrivateBroker | None = None,
+        broker: PrivateBroker | RabbitCluster | None = None,
         durable_tap: bool = False,
+        queue_type: str = "classic",
     ) -> None:
-        """``broker``: a private RabbitMQ node of the test's own (to restart it) instead of the shared broker
-        at ``BROKER_URL``. ``durable_tap``: the tap queue survives a broker restart (with what it holds)."""
+        """``broker``: a private RabbitMQ node of the test's own (to restart it), or a cluster of such nodes
+        (every process is given all their addresses), instead of the shared broker at ``BROKER_URL``.
+        ``durable_tap``: the tap queue survives a broker restart (with what it holds). ``queue_type``: of
+        every queue, the tap's too (``quorum``: replicated over a cluster's nodes)."""
         from tessera.roster import FederationParameters, build_roster, create_identity
 
         self.root = root
         self.broker = broker
         self.broker_url = broker.url if broker is not None else BROKER_URL
-        self.durable_tap = durable_tap
+        self.durable_tap = durable_tap or queue_type == "quorum"  # quorum queues are always durable
+        self.queue_type = queue_type
         self.cleanups = cleanups
         tag = uuid.uuid4().hex[:8]
         self.federation = f"it-{tag}"
@@ -270,6 +275,8 @@ class Federation:
                 "password_file": str(secrets_dir / user),
                 "max_reconnect_delay": 2.0,
                 "start_timeout": 60.0,
+                "queue_type": queue_type,
+                "addresses": ",".join(getattr(broker, "addresses", ())),
             }
 
         self.curator_settings = deep_merge(
@@ -345,8 +352,12 @@ class Federation:
         )
         with self.connect(self.curator_user) as connection:
             channel = connection.channel()
-            declare_topology(channel, self.federation, self.organisations)
-            channel.queue_declare(TAP_QUEUE, durable=self.durable_tap)
+            declare_topology(channel, self.federation, self.organisations, topo.QueueType(self.queue_type))
+            channel.queue_declare(
+                TAP_QUEUE,
+                durable=self.durable_tap,
+                arguments=topo.queue_arguments(topo.QueueType(self.queue_type)),
+            )
             channel.queue_bind(TAP_QUEUE, topo.TO_PARTICIPANTS_EXCHANGE, routing_key="to.#")
             channel.queue_bind(TAP_QUEUE, topo.TO_CURATOR_EXCHANGE, routing_key="from.#")
 
@@ -360,7 +371,8 @@ class Federation:
         """A short-lived plain pika connection to the federation's vhost as ``user``."""
         from tessera.transport import ConnectionSettings, connection_parameters
 
-        parts = urlsplit(self.broker_url)
+        # The broker's url, not the processes': a cluster's moves to a live node after a kill.
+        parts = urlsplit(self.broker.url if self.broker is not None else self.broker_url)
         netloc = f"{quote(user, safe='')}:{quote(self.passwords[user], safe='')}@{parts.hostname}"
         url = f"amqp://{netloc}:{parts.port or 5672}/"
         params = connection_parameters(ConnectionSettings(url=SecretStr(url)), virtual_host=self.vhost)
@@ -698,3 +710,22 @@ def private_broker(request: pytest.FixtureRequest) -> Iterator[PrivateBroker]:
         if report is None or report.failed:
             print(f"=== private broker {node.node} ({node.url})\n{node.log()}")
         node.close()
+
+
+@pytest.fixture
+def rabbit_cluster(request: pytest.FixtureRequest) -> Iterator[RabbitCluster]:
+    """Three clustered RabbitMQ nodes of this test's own (``scripts/rabbitmq-cluster.sh``), to kill at will;
+    pass it as ``federation(broker=...)``. Skips when the cluster cannot start here; stopped and removed in
+    the finalizer whatever happens."""
+    try:
+        cluster = RabbitCluster()
+        cluster.start()
+    except PrivateBrokerUnavailable as exc:
+        pytest.skip(f"cannot run a three-node RabbitMQ cluster: {exc}")
+    try:
+        yield cluster
+    finally:
+        report = getattr(request.node, "rep_call", None)
+        if report is None or report.failed:
+            print(f"=== cluster {cluster.nodes}\n{cluster.log()}")
+        cluster.close()

@@ -28,6 +28,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from tessera.transport.provision import child_environment
+
 
 class PrivateBrokerUnavailable(Exception):
     """This host cannot run a private node (no RabbitMQ installed, no rabbitmq user, not root)."""
@@ -109,7 +111,8 @@ class PrivateBroker:
         self.closed = False
 
     def _env(self) -> dict[str, str]:
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        # child_environment: a copy that a concurrent os.environ change cannot break (see its docstring).
+        base = {k: v for k, v in child_environment().items() if not k.startswith(("RABBITMQ_", "ERL_"))}
         return {
             **base,
             "RABBITMQ_NODENAME": self.node,

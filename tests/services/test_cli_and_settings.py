@@ -218,3 +218,33 @@ def test_the_learning_rate_decays_per_round_and_the_decay_is_validated() -> None
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValidationError, match="lr_decay"):
             PrivacySettings(lr_decay=bad)
+
+
+def test_queue_type_and_addresses_are_broker_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tessera.transport.topology import QueueType
+
+    for key in [k for k in os.environ if k.startswith("TESSERA_")]:
+        monkeypatch.delenv(key)
+    for key, value in {
+        "TESSERA_FEDERATION": "acme",
+        "TESSERA_ROSTER_FILE": str(tmp_path / "roster.json"),
+        "TESSERA_MODEL__NAME": "mlp",
+        "TESSERA_NUM_CLASSES": "2",
+    }.items():
+        monkeypatch.setenv(key, value)
+    transport = load_curator_settings().broker.transport()
+    assert transport.queue_type is QueueType.AUTO and transport.connection.addresses == ()
+    monkeypatch.setenv("TESSERA_BROKER__QUEUE_TYPE", "quorum")
+    monkeypatch.setenv("TESSERA_BROKER__ADDRESSES", "node-2:5672, node-3:5672")
+    transport = load_curator_settings().broker.transport()
+    assert transport.queue_type is QueueType.QUORUM
+    assert transport.connection.addresses == ("node-2:5672", "node-3:5672")
+    monkeypatch.setenv("TESSERA_BROKER__QUEUE_TYPE", "mirrored")
+    with pytest.raises(ConfigurationError, match="TESSERA_BROKER__QUEUE_TYPE"):
+        load_curator_settings()
+    monkeypatch.setenv("TESSERA_BROKER__QUEUE_TYPE", "classic")
+    monkeypatch.setenv("TESSERA_BROKER__ADDRESSES", "node-2")
+    with pytest.raises(ConfigurationError, match="TESSERA_BROKER__ADDRESSES"):
+        load_curator_settings()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ from tessera.transport import (
     ConnectionSettings,
     CuratorTransport,
     ParticipantTransport,
-    ProvisioningError,
     ReconnectPolicy,
     TransportSettings,
     connection_parameters,
@@ -110,20 +108,6 @@ class Federation:
         return done.stdout
 
 
-def _deprovision_retrying(federation: str, **kwargs: Any) -> None:
-    """``deprovision``, tried again after a failure: now and then, while other tests run, starting
-    ``rabbitmqctl`` from this background thread fails with ``OSError: [Errno 14] Bad address`` (seen with
-    CPython 3.11.7), which would leave the test's vhost and users behind."""
-    for attempt in range(3):
-        try:
-            deprovision(federation, **kwargs)
-            return
-        except ProvisioningError:
-            if attempt == 2:
-                raise
-            time.sleep(1.0)
-
-
 def _provisioned(broker: list[threading.Thread], count: int) -> Iterator[Federation]:
     tag = uuid.uuid4().hex[:8]
     organisations = tuple(f"{name}-{tag}" for name in "abc"[:count])
@@ -142,7 +126,8 @@ def _provisioned(broker: list[threading.Thread], count: int) -> Iterator[Federat
         for endpoint in federation.endpoints:
             endpoint.close()
         cleanup = threading.Thread(
-            target=_deprovision_retrying,
+            # No retry: the Errno 14 these spawns once hit is fixed (provision.child_environment).
+            target=deprovision,
             args=(federation.federation,),
             kwargs={"organisations": organisations, "curator_user": curator_user},
             daemon=True,

@@ -75,3 +75,45 @@ def test_backoff_is_exponential_jittered_and_bounded():
         delays = [policy.delay(attempt, rng) for _ in range(50)]
         assert all(cap / 2 <= d <= cap for d in delays)
         assert len(set(delays)) > 1
+
+
+def test_addresses_follow_the_url_broker_in_turn_with_its_credentials_and_vhost():
+    from tessera.transport.connection import connection_parameters_list
+
+    settings = ConnectionSettings(
+        url=SecretStr("amqp://acme:pw@node-1:5672/"),
+        addresses="node-2:5673, node-1:5672,[::1]:5674",  # one string, as from an environment variable
+        heartbeat=7,
+    )
+    assert settings.addresses == ("node-2:5673", "node-1:5672", "[::1]:5674")
+    listed = connection_parameters_list(settings, virtual_host="tessera-f1", connection_name="n")
+    assert [(p.host, p.port) for p in listed] == [("node-1", 5672), ("node-2", 5673), ("::1", 5674)]
+    for p in listed:
+        assert (p.virtual_host, p.credentials.username, p.credentials.password) == (
+            "tessera-f1",
+            "acme",
+            "pw",
+        )
+        assert p.heartbeat == 7 and p.connection_attempts == 1
+        assert p.client_properties == {"connection_name": "n"}
+
+
+def test_tls_addresses_are_checked_against_their_own_names_unless_one_is_set():
+    from tessera.transport.connection import connection_parameters_list
+
+    def names(**tls) -> list[str]:
+        settings = ConnectionSettings(
+            url=SecretStr("amqps://u:p@node-1/"), addresses=("node-2:5671",), tls=TlsSettings(**tls)
+        )
+        return [p.ssl_options.server_hostname for p in connection_parameters_list(settings)]
+
+    assert names() == ["node-1", "node-2"]
+    assert names(server_name="broker.internal") == ["broker.internal", "broker.internal"]
+
+
+@pytest.mark.parametrize(
+    "bad", ["node-2", "node-2:", ":5672", "node-2:0", "node-2:70000", "u@node:1", "a b:1"]
+)
+def test_bad_addresses_are_refused(bad):
+    with pytest.raises(ValueError, match="host:port"):
+        ConnectionSettings(url=SecretStr("amqp://u:p@h/"), addresses=(bad,))

@@ -12,7 +12,7 @@ import pytest
 from tessera.errors import LocalUsageError
 from tessera.transport import topology as topo
 from tessera.transport.endpoint import BCC_HEADER
-from tessera.transport.errors import ACCESS_REFUSED
+from tessera.transport.errors import ACCESS_REFUSED, PublishFailed
 
 pytestmark = pytest.mark.integration
 
@@ -152,3 +152,53 @@ def test_cc_and_bcc_headers_do_not_let_an_organisation_reach_another(fed):
             assert inbox.method.message_count == 0, organisation
     finally:
         check.close()
+
+
+def _delete_inbox(fed, organisation: str) -> None:
+    """What an operator (or a lost queue) does behind the running curator's back: the inbox is gone."""
+    connection = fed.raw(fed.curator_user)
+    try:
+        connection.channel().queue_delete(topo.participant_inbox(organisation))
+    finally:
+        connection.close()
+
+
+def test_send_many_fails_naming_a_recipient_whose_inbox_is_missing_and_still_reaches_the_others(fed3):
+    """``mandatory`` on a BCC publish is satisfied by any one routed copy, so a deleted inbox used to miss
+    the message while ``send_many`` reported success. Now the others receive it and the call raises."""
+    curator = fed3.curator()
+    a, c = fed3.participant(fed3.a), fed3.participant(fed3.c)
+    _delete_inbox(fed3, fed3.b)
+    with pytest.raises(PublishFailed, match=f"'{fed3.b}'") as caught:
+        curator.send_many([fed3.a, fed3.b, fed3.c], b"partly", message_type="t")
+    assert caught.value.undelivered == (fed3.b,)
+    assert fed3.a not in str(caught.value) and fed3.c not in str(caught.value)
+    for endpoint in (a, c):  # the ones whose inbox exists got it, once
+        delivery = endpoint.receive(timeout=5)
+        assert delivery is not None and delivery.body == b"partly", endpoint
+        assert delivery.routing_key == topo.SELECTED_KEY
+        assert endpoint.ack(delivery)
+        assert endpoint.receive(timeout=0.3) is None
+    # The curator's endpoint keeps working after the failure.
+    curator.send_many([fed3.a, fed3.c], b"after", message_type="t")
+    for endpoint in (a, c):
+        delivery = endpoint.receive(timeout=5)
+        assert delivery is not None and delivery.body == b"after"
+        endpoint.ack(delivery)
+
+
+def test_send_many_names_every_recipient_when_no_inbox_exists_also_for_chunked_messages(fed3):
+    curator = fed3.curator(chunk_size=64 * 1024)
+    a = fed3.participant(fed3.a)
+    _delete_inbox(fed3, fed3.b)
+    _delete_inbox(fed3, fed3.c)
+    with pytest.raises(PublishFailed) as caught:  # nothing routed at all: the broker returns it
+        curator.send_many([fed3.c, fed3.b], b"nobody", message_type="t")
+    assert set(caught.value.undelivered) == {fed3.b, fed3.c}
+    payload = os.urandom(200_000)  # 4 chunks; the missing inbox is noticed once, after the last
+    with pytest.raises(PublishFailed, match=f"'{fed3.c}'") as caught:
+        curator.send_many([fed3.a, fed3.c], payload, message_type="t")
+    assert caught.value.undelivered == (fed3.c,)
+    delivery = a.receive(timeout=10)
+    assert delivery is not None and delivery.body == payload and delivery.chunks == 4
+    a.ack(delivery)

@@ -142,3 +142,47 @@ def test_the_roster_reserves_every_id_the_transport_does():
     from tessera.roster import RESERVED_IDS
 
     assert topo.RESERVED_ORGANISATION_IDS <= RESERVED_IDS
+
+
+def test_queue_arguments_name_the_type_and_auto_must_be_resolved_first():
+    from tessera.transport.topology import QueueType, inbox_arguments, queue_arguments
+
+    assert inbox_arguments() == {"x-dead-letter-exchange": "tessera.dead-letter", "x-queue-type": "classic"}
+    assert inbox_arguments(QueueType.QUORUM)["x-queue-type"] == "quorum"
+    assert queue_arguments(QueueType.QUORUM) == {"x-queue-type": "quorum"}
+    with pytest.raises(ValueError, match="resolve"):
+        queue_arguments(QueueType.AUTO)
+
+
+class _OldBroker:
+    """Only the connection's server properties, as pika exposes them; no queue is declared on it."""
+
+    def __init__(self, version: bytes) -> None:
+        self._impl = type("Impl", (), {"server_properties": {"version": version}})()
+
+    def channel(self):  # resolve_queue_type must not need one for an old broker
+        raise AssertionError("no declare expected")
+
+
+def test_brokers_older_than_3_8_get_classic_queues_or_refuse_quorum():
+    from tessera.errors import ConfigurationError
+    from tessera.transport.topology import QueueType, resolve_queue_type
+
+    old = _OldBroker(b"3.7.28")
+    assert resolve_queue_type(old, QueueType.AUTO) is QueueType.CLASSIC
+    assert resolve_queue_type(old, QueueType.CLASSIC) is QueueType.CLASSIC
+    with pytest.raises(ConfigurationError, match=r"3\.8 or later"):
+        resolve_queue_type(old, QueueType.QUORUM)
+    assert resolve_queue_type(_OldBroker(b"3.12.1"), QueueType.QUORUM) is QueueType.QUORUM
+
+
+def test_the_document_describes_every_queue_type():
+    from pathlib import Path
+
+    from tessera.transport.topology import QueueType
+
+    text = (Path(__file__).parents[2] / "docs" / "topology.md").read_text()
+    section = text.split("## Queue types", 1)[1].split("\n## ", 1)[0]
+    for queue_type in QueueType:
+        assert f"| `{queue_type.value}`" in section
+    assert "TESSERA_BROKER__QUEUE_TYPE" in section and "TESSERA_BROKER__ADDRESSES" in section

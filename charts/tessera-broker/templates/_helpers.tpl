@@ -182,10 +182,46 @@ Secret) and installs run with --skip-schema-validation.
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) -}}
 {{- $msgs = append $msgs "tls.enabled is true but tls.existingSecret is empty: create a Secret with ca.crt, tls.crt and tls.key (e.g. with cert-manager) and set tls.existingSecret to its name." -}}
 {{- end -}}
+{{- if not (has (int .Values.replicas) (list 1 3 5 7)) -}}
+{{- $msgs = append $msgs (printf "replicas %v is not supported: use 1 (one node) or 3, 5 or 7 (an odd number, so that a majority survives a partition)." .Values.replicas) -}}
+{{- end -}}
 {{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.allowedClients) -}}
 {{- $msgs = append $msgs "networkPolicy.enabled is true but networkPolicy.allowedClients is empty, so nothing could reach the broker: list the curator's and the companies' peers (podSelector/namespaceSelector/ipBlock)." -}}
 {{- end -}}
 {{- if $msgs -}}
 {{- fail (printf "\n\nINVALID VALUES for tessera-broker:\n  - %s\n" (join "\n  - " $msgs)) -}}
 {{- end -}}
+{{- end -}}
+
+{{- /* A cluster (replicas > 1): RabbitMQ's Kubernetes peer discovery forms it. */ -}}
+{{- define "tessera-broker.clustered" -}}
+{{- if gt (int .Values.replicas) 1 -}}true{{- end -}}
+{{- end -}}
+
+{{- /* ".<headless>.<namespace>.svc.<domain>": each pod's DNS name is its name followed by this. */ -}}
+{{- define "tessera-broker.hostnameSuffix" -}}
+{{- printf ".%s.%s.svc.%s" (include "tessera-broker.headlessServiceName" .) .Release.Namespace .Values.clustering.clusterDomain -}}
+{{- end -}}
+
+{{- /* The node-name environment of every container that runs RabbitMQ or talks to it with rabbitmqctl. One
+node keeps the fixed rabbit@localhost (its data directory is found again on any pod); a cluster's nodes
+need names their peers can resolve: rabbit@<pod DNS name>. */ -}}
+{{- define "tessera-broker.nodeEnv" -}}
+{{- if include "tessera-broker.clustered" . }}
+- name: MY_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: RABBITMQ_USE_LONGNAME
+  value: "true"
+- name: RABBITMQ_NODENAME
+  value: rabbit@$(MY_POD_NAME){{ include "tessera-broker.hostnameSuffix" . }}
+- name: K8S_SERVICE_NAME
+  value: {{ include "tessera-broker.headlessServiceName" . }}
+- name: K8S_HOSTNAME_SUFFIX
+  value: {{ include "tessera-broker.hostnameSuffix" . }}
+{{- else }}
+- name: RABBITMQ_NODENAME
+  value: rabbit@localhost
+{{- end }}
 {{- end -}}

@@ -6,6 +6,10 @@
   trust store, and presents a client certificate when ``tls.cert_file`` is set.
 - Credentials may also be given apart from the URL (``username``/``password``, e.g. from Kubernetes Secrets
   mounted as files); they take precedence over the URL's.
+- ``addresses`` (``host:port``, e.g. the nodes of a RabbitMQ cluster) are tried in turn after the URL's own
+  host and port, on the first connect and on every reconnect (pika takes a sequence of parameters and uses
+  the first that answers); everything else (credentials, vhost, TLS) is the URL's. With TLS each address is
+  checked against its own host name unless ``tls.server_name`` is set.
 - Heartbeat and blocked-connection timeouts are explicit: the heartbeat detects a dead peer (the broker
   closes a connection after about two missed heartbeats); the blocked timeout closes a connection that a
   broker resource alarm has blocked for too long, which then goes through the normal reconnect.
@@ -19,7 +23,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pika
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from tessera.errors import ConfigurationError
 
@@ -79,6 +83,40 @@ class ConnectionSettings(BaseModel):
     socket_timeout: float = Field(default=10.0, gt=0)
     stack_timeout: float = Field(default=30.0, gt=0, description="bound on the whole connection handshake, s")
     reconnect: ReconnectPolicy = ReconnectPolicy()
+    addresses: tuple[str, ...] = Field(
+        default=(),
+        description="more brokers (host:port, e.g. a cluster's other nodes) tried in turn after the URL's",
+    )
+
+    @field_validator("addresses", mode="before")
+    @classmethod
+    def _split_addresses(cls, value: object) -> object:
+        # From an environment variable or a chart value: "host1:5672,host2:5672".
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("addresses")
+    @classmethod
+    def _check_addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for address in value:
+            parse_address(address)
+        return value
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) → (host, port); :class:`ValueError` if it is not one."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if (
+        not sep
+        or not host
+        or not port.isdigit()
+        or not 0 < int(port) < 65536
+        or any(c in host for c in "/@ ")
+    ):
+        raise ValueError(f"invalid broker address {address!r}: expected host:port")
+    return host, int(port)
 
 
 def redact_url(url: str) -> str:
@@ -163,6 +201,33 @@ def connection_parameters(
     )
 
 
+def connection_parameters_list(
+    settings: ConnectionSettings, *, virtual_host: str | None = None, connection_name: str | None = None
+) -> list[pika.ConnectionParameters]:
+    """The URL's parameters, then the same for each of ``settings.addresses`` (duplicates once): the
+    sequence a ``pika.BlockingConnection`` tries in turn."""
+    first = connection_parameters(settings, virtual_host=virtual_host, connection_name=connection_name)
+    result = [first]
+    seen = {(first.host, first.port)}
+    for address in settings.addresses:
+        host, port = parse_address(address)
+        if (host, port) in seen:
+            continue
+        seen.add((host, port))
+        # The same URL (credentials, vhost, scheme) aimed at this address: built by the same code.
+        parts = urlsplit(settings.url.get_secret_value())
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = ("[" + host + "]" if ":" in host else host) + f":{port}"
+        url = parts._replace(netloc=f"{userinfo}@{netloc}" if userinfo else netloc).geturl()
+        params = connection_parameters(
+            settings.model_copy(update={"url": SecretStr(url)}),
+            virtual_host=virtual_host,
+            connection_name=connection_name,
+        )
+        result.append(params)
+    return result
+
+
 def parameters_username(parameters: pika.ConnectionParameters) -> str:
     credentials = parameters.credentials
     assert isinstance(credentials, pika.PlainCredentials)
@@ -176,6 +241,8 @@ __all__ = [
     "ReconnectPolicy",
     "TlsSettings",
     "connection_parameters",
+    "connection_parameters_list",
     "parameters_username",
+    "parse_address",
     "redact_url",
 ]

@@ -37,10 +37,13 @@ class PublishRefused(TransportError):
 
 
 class PublishFailed(TransportError):
-    """A publish was not confirmed (unroutable, nacked, or timed out)."""
+    """A publish was not confirmed (unroutable, nacked, or timed out). ``undelivered`` names the
+    organisations known not to have received it (a multi-recipient publish whose inbox of theirs is
+    missing); the other recipients did receive it."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, undelivered: tuple[str, ...] = ()) -> None:
         self.reason = reason
+        self.undelivered = undelivered
         super().__init__(reason)
 
 

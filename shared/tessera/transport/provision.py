@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import secrets
 import shutil
 import socket
@@ -107,6 +108,20 @@ class Backend(Protocol):
     def remove(self, vhost: str, users: Sequence[str]) -> list[str]: ...
 
 
+def child_environment() -> dict[str, str]:
+    """A copy of this process's environment to start a child process with (``subprocess(env=...)``).
+
+    Never start a child with the inherited environment (``env=None``) here: CPython starts children with
+    ``vfork``, and the child then execs with the C ``environ`` array *shared with the parent*, which another
+    thread changing ``os.environ`` (``setenv``/``unsetenv``) may reallocate and free at that moment:
+    ``exec`` fails with ``OSError: [Errno 14] Bad address`` (the transport tests' background deprovisioning
+    hit it while the main thread ran ``monkeypatch.setenv``). With an explicit mapping, ``subprocess``
+    builds an array of its own in the parent before forking. The copy reads one key at a time with
+    ``get`` because ``dict(os.environ)`` raises ``KeyError`` when a key vanishes between listing and
+    reading."""
+    return {key: value for key in list(os.environ) if (value := os.environ.get(key)) is not None}
+
+
 def _password_hash(password: str) -> str:
     """RabbitMQ's ``rabbit_password_hashing_sha256``: base64(salt ‖ SHA-256(salt ‖ password)), 4-byte salt."""
     salt = secrets.token_bytes(4)
@@ -138,6 +153,7 @@ class RabbitmqctlBackend:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
+                env=child_environment(),  # see child_environment: never the shared C environ
             )
         except OSError as exc:
             raise ProvisioningError(f"rabbitmqctl {args[0]} failed: {exc}") from exc
@@ -316,7 +332,11 @@ def local_broker_problem(url: str, *, check_admin: bool = False) -> str | None:
         return "a broker answers, but rabbitmqctl (needed to provision users) is not on PATH"
     if check_admin:
         probe = subprocess.run(
-            ["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True, timeout=60
+            ["rabbitmqctl", "-q", "list_vhosts"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=child_environment(),
         )
         if probe.returncode != 0:
             return f"rabbitmqctl cannot administer the broker: {probe.stderr.strip()[:200]}"
@@ -377,6 +397,7 @@ __all__ = [
     "ProvisioningError",
     "RabbitmqctlBackend",
     "UserGrant",
+    "child_environment",
     "default_backend",
     "deprovision",
     "federation_grants",

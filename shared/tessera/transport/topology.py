@@ -26,6 +26,7 @@ Why each permission is what it is (checked against RabbitMQ 3.10):
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -154,31 +155,106 @@ def organisation_topic_permissions(organisation: str) -> tuple[TopicPermission, 
     return (TopicPermission(TO_CURATOR_EXCHANGE, write=rf"^from\.{org}(\..+)?$", read="^$"),)
 
 
-def inbox_arguments() -> dict[str, Any]:
-    """Arguments of every inbox queue (the curator's and each organisation's)."""
-    return {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+class QueueType(enum.StrEnum):
+    """``x-queue-type`` of the federation's queues (``docs/topology.md``, "Queue types").
+
+    ``quorum`` queues are replicated over a cluster's nodes (Raft) and survive the loss of a minority;
+    ``classic`` queues live on one node. ``auto`` resolves once per connection (:func:`resolve_queue_type`):
+    quorum where the broker supports them, unless the federation's queues already exist as classic ones
+    (a queue's type cannot change in place)."""
+
+    AUTO = "auto"
+    QUORUM = "quorum"
+    CLASSIC = "classic"
 
 
-def declare_topology(channel: Any, federation: str, organisations: Iterable[str]) -> None:
+QUORUM_MIN_VERSION = (3, 8)
+"""The first RabbitMQ release with quorum queues (behind the ``quorum_queue`` feature flag)."""
+
+
+def queue_arguments(queue_type: QueueType = QueueType.CLASSIC) -> dict[str, Any]:
+    """Arguments every queue of the federation is declared with (a resolved type, not ``auto``)."""
+    if queue_type is QueueType.AUTO:
+        raise ValueError("resolve the queue type (resolve_queue_type) before declaring")
+    return {"x-queue-type": queue_type.value}
+
+
+def inbox_arguments(queue_type: QueueType = QueueType.CLASSIC) -> dict[str, Any]:
+    """Arguments of every inbox queue (the curator's and each organisation's). ``x-queue-type: classic``
+    is what a queue declared without ``x-queue-type`` is, so older classic inboxes still match."""
+    return {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE, **queue_arguments(queue_type)}
+
+
+def _server_version(connection: Any) -> tuple[int, ...] | None:
+    """The broker's version from the connection's ``server-properties`` (no management API needed)."""
+    try:
+        raw = connection._impl.server_properties.get("version")
+    except AttributeError:
+        return None
+    if isinstance(raw, bytes):
+        raw = raw.decode("ascii", "replace")
+    match = re.match(r"^(\d+)\.(\d+)", str(raw or ""))
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def resolve_queue_type(connection: Any, requested: QueueType) -> QueueType:
+    """The queue type to declare with on ``connection`` (a pika ``BlockingConnection`` of the curator).
+
+    ``quorum`` and ``classic`` are returned as they are (``quorum`` on a broker older than 3.8 is a
+    :class:`ConfigurationError`: it would ignore ``x-queue-type`` and create classic queues). ``auto``:
+    ``classic`` on a broker older than 3.8; otherwise the curator's inbox is declared as a quorum queue on a
+    scratch channel: that succeeds if it is one or does not exist yet (it is then created as one); the
+    broker refuses it (406) if the inbox exists as a classic queue or quorum queues are unavailable (feature
+    flag off), and then ``classic`` keeps the federation as it is."""
+    version = _server_version(connection)
+    too_old = version is not None and version < QUORUM_MIN_VERSION
+    if requested is QueueType.QUORUM and too_old:
+        raise ConfigurationError(f"quorum queues need RabbitMQ 3.8 or later; the broker is {version}")
+    if requested is not QueueType.AUTO:
+        return requested
+    if too_old:
+        return QueueType.CLASSIC
+    channel = connection.channel()
+    try:
+        channel.queue_declare(CURATOR_INBOX, durable=True, arguments=inbox_arguments(QueueType.QUORUM))
+    except Exception as exc:  # pika's ChannelClosedByBroker; this module does not import pika
+        if getattr(exc, "reply_code", None) != 406:
+            raise
+        log.info("queue_type_resolved", requested="auto", queue_type="classic", reason=str(exc)[:200])
+        return QueueType.CLASSIC
+    if channel.is_open:
+        channel.close()
+    log.info("queue_type_resolved", requested="auto", queue_type="quorum")
+    return QueueType.QUORUM
+
+
+def declare_topology(
+    channel: Any,
+    federation: str,
+    organisations: Iterable[str],
+    queue_type: QueueType = QueueType.CLASSIC,
+) -> None:
     """Declare the whole topology on ``channel`` (a pika ``BlockingChannel`` of the curator's user, opened
-    on the federation's vhost). Idempotent; an organisation added later just gets its inbox on the next
-    call. Raises ``pika.exceptions.ChannelClosedByBroker`` (403) if the user lacks the permissions above, or
-    (406) if an object exists with different properties."""
+    on the federation's vhost), every queue of type ``queue_type`` (resolved: not ``auto``). Idempotent; an
+    organisation added later just gets its inbox on the next call. Raises
+    ``pika.exceptions.ChannelClosedByBroker`` (403) if the user lacks the permissions above, or (406) if an
+    object exists with different properties (such as another queue type)."""
     validate_federation_id(federation)
     orgs = validate_organisations(organisations)
+    arguments = inbox_arguments(queue_type)
     channel.exchange_declare(TO_PARTICIPANTS_EXCHANGE, exchange_type="topic", durable=True)
     channel.exchange_declare(TO_CURATOR_EXCHANGE, exchange_type="topic", durable=True)
     channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="fanout", durable=True)
-    channel.queue_declare(DEAD_LETTER_QUEUE, durable=True)
+    channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=queue_arguments(queue_type))
     channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, routing_key="")
-    channel.queue_declare(CURATOR_INBOX, durable=True, arguments=inbox_arguments())
+    channel.queue_declare(CURATOR_INBOX, durable=True, arguments=arguments)
     channel.queue_bind(CURATOR_INBOX, TO_CURATOR_EXCHANGE, routing_key=CURATOR_INBOX_BINDING)
     for org in orgs:
         inbox = participant_inbox(org)
-        channel.queue_declare(inbox, durable=True, arguments=inbox_arguments())
+        channel.queue_declare(inbox, durable=True, arguments=arguments)
         channel.queue_bind(inbox, TO_PARTICIPANTS_EXCHANGE, routing_key=to_organisation_key(org))
         channel.queue_bind(inbox, TO_PARTICIPANTS_EXCHANGE, routing_key=BROADCAST_KEY)
-    log.info("topology_declared", federation=federation, organisations=len(orgs))
+    log.info("topology_declared", federation=federation, organisations=len(orgs), queue_type=queue_type.value)
 
 
 __all__ = [
@@ -189,11 +265,13 @@ __all__ = [
     "DEAD_LETTER_EXCHANGE",
     "DEAD_LETTER_QUEUE",
     "ID_PATTERN",
+    "QUORUM_MIN_VERSION",
     "RESERVED_ORGANISATION_IDS",
     "SELECTED_KEY",
     "TO_CURATOR_EXCHANGE",
     "TO_PARTICIPANTS_EXCHANGE",
     "Permissions",
+    "QueueType",
     "TopicPermission",
     "curator_permissions",
     "curator_topic_permissions",
@@ -203,6 +281,8 @@ __all__ = [
     "organisation_permissions",
     "organisation_topic_permissions",
     "participant_inbox",
+    "queue_arguments",
+    "resolve_queue_type",
     "to_organisation_key",
     "validate_federation_id",
     "validate_organisation_id",
