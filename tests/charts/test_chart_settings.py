@@ -37,7 +37,8 @@ CASE_IDS = [f"{chart.removeprefix('tessera-')}-{ci.stem}" for chart, ci in CASES
 # Settings no chart value renders, and why.
 NOT_RENDERED = {
     "TESSERA_BROKER__PASSWORD": "the password is a mounted Secret file (..._PASSWORD_FILE), never env",
-    "TESSERA_BROKER__QUEUE_TYPE": "the default (auto) fits one node and a cluster (quorum where supported)",
+    "TESSERA_BROKER__QUEUE_TYPE": "only the curator declares queues (its chart's broker.queueType); a participant at auto "
+    "adapts to the type the curator declared",
     "TESSERA_BROKER__ADDRESSES": "in Kubernetes the broker Service reaches a cluster's live nodes",
     "TESSERA_FAULTS__STALL_BEFORE": "fault injection, for resilience tests only",
     "TESSERA_FAULTS__STALL_SECONDS": "fault injection, for resilience tests only",
