@@ -39,7 +39,9 @@ debootstrap --variant=minbase --include="$packages" bookworm "$rootfs" ${DEBOOTS
 rm -f "$rootfs.log"
 # No package lists or downloaded packages in the image: they are only needed to install more.
 rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb \
-  "$rootfs"/var/log/* "$rootfs"/tmp/*
+  "$rootfs"/tmp/*
+# Log files, not the directories: packages own them (rabbitmq-server cannot start without /var/log/rabbitmq).
+find "$rootfs"/var/log -type f -delete
 
 tar -C "$rootfs" -c . | "$docker_cli" import \
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
