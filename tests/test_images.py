@@ -253,13 +253,25 @@ def bare_path(tmp_path: Path, tools: tuple[str, ...] = TOOLS) -> str:
     return str(bin_dir)
 
 
+def script_copy(tmp_path: Path) -> Path:
+    """The script in a skeleton repository: it stages files in <root>/.build, which must not be this
+    checkout's (a real `make images` may be using it at the same time)."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(BUILD_SCRIPT, root / "scripts" / BUILD_SCRIPT.name)
+    shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
+    return root
+
+
 def run_script(path: str, **env: str) -> subprocess.CompletedProcess[str]:
     bash = shutil.which("bash")
     assert bash
     environ = {"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), **env}
+    root = script_copy(Path(path).parent)
     return subprocess.run(
-        [bash, str(BUILD_SCRIPT)], env=environ, capture_output=True, text=True, timeout=30, check=False
-    )
+        [bash, str(root / "scripts" / BUILD_SCRIPT.name)],
+        env=environ, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
 
 
 def fake_docker(bin_dir: Path, *, info_ok: bool, log: Path) -> None:
@@ -315,11 +327,12 @@ def test_build_script_builds_both_targets_with_version_tags_and_passthrough(tmp_
         assert args[0] == "build"
         assert args[args.index("--target") + 1] == target
         assert args[args.index("--tag") + 1] == f"tessera-{target}:{version}"
-        assert args[args.index("--file") + 1] == str(ROOT / "images" / "Dockerfile")
+        root = tmp_path / "repo"
+        assert args[args.index("--file") + 1] == str(root / "images" / "Dockerfile")
         assert f"VERSION={version}" in args
         assert "TORCH_PIP_ARGS=--index-url http://wheels.invalid/cpu" in args  # one argument, spaces kept
         assert {"--pull", "--platform", "linux/amd64"} <= set(args)
-        assert args[-1] == str(ROOT)
+        assert args[-1] == str(root)
     assert f"tessera-curator:{version}" in result.stdout
 
 
