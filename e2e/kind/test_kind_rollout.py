@@ -3,11 +3,12 @@ a participant pod deleted in the middle of a round.
 
 1. Create (or reuse) a kind cluster; build the curator and participant images (scripts/build-images.sh)
    and load them, and the broker's image, into the node.
-2. The coordinator: create the federation (roster, identity keys), install tessera-broker and
-   tessera-curator in namespace ``tessera``.
-3. Three companies, each in its own namespace (``acme``, ``globex``, ``initech``): the coordinator hands
-   over the broker password and the identity key (Secrets in the company's namespace), the records go to
-   a directory on the node, and tessera-participant is installed with ``helm install --wait``.
+2. Three companies, each in its own namespace (``acme``, ``globex``, ``initech``), install their bootstrap
+   release (``bootstrap=true``): a Job creates the identity key on the company's claim and logs the public
+   key. The coordinator builds the roster from the public keys (``tessera roster build``, which prints the
+   fingerprint), installs tessera-broker and tessera-curator in namespace ``tessera``.
+3. Each company gets its broker password (a Secret in its namespace), its records go to a directory on
+   the node, and it upgrades its release with the roster and the pinned fingerprint (``--wait``).
 4. Follow the curator's report (``kubectl exec ... cat report.json`` through the kubernetes client). Once
    the first round has completed, delete acme's participant pod without a grace period (a crash); the
    Deployment replaces it, the replacement resumes from its accountant volume, and the federation must
@@ -22,8 +23,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Iterator
@@ -122,6 +125,10 @@ class Kind:
     def read_secret(self, namespace: str, name: str, key: str) -> bytes:
         return base64.b64decode(self.core.read_namespaced_secret(name, namespace).data[key])
 
+    def job_log(self, namespace: str, job: str, container: str) -> str:
+        (pod,) = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job}").items
+        return str(self.core.read_namespaced_pod_log(pod.metadata.name, namespace, container=container))
+
     def pods(self, namespace: str, instance: str) -> list[Any]:
         selector = f"app.kubernetes.io/instance={instance}"
         return list(self.core.list_namespaced_pod(namespace, label_selector=selector).items)
@@ -208,12 +215,32 @@ def kind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kind]:
 
 def test_federation_survives_a_participant_pod_deleted_mid_round(kind: Kind, tmp_path: Path) -> None:
     from tessera.apps.demo import write_hospital_data
-    from tessera.roster import create_demo_federation
+
+    # --- each company: its identity key is born on its own claim; only the public key leaves -----------
+    public_keys = {}
+    for company in COMPANIES:
+        kind.namespace(company, {"tessera.io/role": "company"})
+        kind.helm(
+            "upgrade", "--install", "tessera", str(REPO_ROOT / "charts" / "tessera-participant"),
+            "-n", company, "-f", str(VALUES / "company.yaml"), "--set", f"organisation.id={company}",
+            "--set", "bootstrap=true", "--wait", "--wait-for-jobs", "--timeout", INSTALL_TIMEOUT,
+        )  # fmt: skip
+        shown = kind.job_log(company, "tessera-tessera-participant-identity", "identity-show")
+        found = re.search(r"public key:\s+([0-9a-f]{64})", shown)
+        assert found, f"{company}: the bootstrap Job logged no public key:\n{shown}"
+        public_keys[company] = found.group(1)
 
     # --- the coordinator ------------------------------------------------------------------------------------
     coordinator = tmp_path / "coordinator"
-    create_demo_federation("kind-e2e", list(COMPANIES), coordinator)
+    coordinator.mkdir()
     roster = coordinator / "roster.json"
+    built = run(
+        sys.executable, "-m", "tessera.apps.cli", "roster", "build", "--federation", "kind-e2e",
+        *[a for company, key in public_keys.items() for a in ("--member", f"{company}={key}")],
+        "--clip", "1.0", "--out", str(roster),
+    )  # fmt: skip
+    fingerprint = re.search(r"roster fingerprint: ([0-9a-f]{64})", built)
+    assert fingerprint, built
     kind.namespace("tessera", {"tessera.io/role": "coordinator"})
     kind.helm(
         "upgrade", "--install", "broker", str(REPO_ROOT / "charts" / "tessera-broker"), "-n", "tessera",
@@ -229,10 +256,8 @@ def test_federation_survives_a_participant_pod_deleted_mid_round(kind: Kind, tmp
     files, encoding, _ = write_hospital_data(tmp_path / "records")
     node = f"{CLUSTER}-control-plane"
     for company, source in zip(COMPANIES, files.values(), strict=True):
-        kind.namespace(company, {"tessera.io/role": "company"})
         password = kind.read_secret("tessera", f"broker-tessera-broker-user-{company}", "password")
         kind.secret(company, "tessera-broker-password", {"password": password})
-        kind.secret(company, "identity-key", {"key": (coordinator / "keys" / f"{company}.key").read_bytes()})
         directory = f"/srv/tessera/{company}"
         run("docker", "exec", node, "mkdir", "-p", directory)
         run("docker", "cp", str(source), f"{node}:{directory}/records.csv")
@@ -240,8 +265,9 @@ def test_federation_survives_a_participant_pod_deleted_mid_round(kind: Kind, tmp
         kind.helm(
             "upgrade", "--install", "tessera", str(REPO_ROOT / "charts" / "tessera-participant"),
             "-n", company, "-f", str(VALUES / "company.yaml"), "--set", f"organisation.id={company}",
-            "--set-file", f"roster.content={roster}", "--set-file", f"data.encoding.content={encoding}",
-            "--set", f"data.hostPath={directory}", "--wait", "--timeout", INSTALL_TIMEOUT,
+            "--set-file", f"roster.content={roster}", "--set", f"roster.fingerprint={fingerprint.group(1)}",
+            "--set-file", f"data.encoding.content={encoding}", "--set", f"data.hostPath={directory}",
+            "--wait", "--timeout", INSTALL_TIMEOUT,
         )  # fmt: skip
 
     # --- follow the report; crash the victim's pod once round 1 is done ----------------------------------

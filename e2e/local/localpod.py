@@ -94,7 +94,8 @@ class Cluster:
 
 
 class LocalPod:
-    """One replica of a rendered Deployment, its volumes materialised and its containers runnable."""
+    """One replica of a rendered Deployment (or a Job's pod), its volumes materialised and its containers
+    runnable."""
 
     def __init__(self, cluster: Cluster, deployment: dict[str, Any], broker: tuple[str, int]) -> None:
         self.cluster = cluster
@@ -230,6 +231,17 @@ class LocalPod:
                 raise PodError(
                     f"init container {container['name']} exited {proc.returncode}: {proc.stderr.decode()}"
                 )
+
+    def run(self, name: str, timeout: float = 60) -> str:
+        """Run a container to completion (a Job's), as the kubelet would; its standard output."""
+        container = self.container(name)
+        proc = subprocess.run(
+            self.command(container), env=self.local_env(container), capture_output=True, timeout=timeout,
+            check=False,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise PodError(f"container {name} exited {proc.returncode}: {proc.stderr.decode()}")
+        return proc.stdout.decode()
 
     def _has_mount(self, container: dict[str, Any], path: str) -> bool:
         return self.map_path(container, path) != path

@@ -1,14 +1,17 @@
 """End-to-end rollout of the rendered charts against the local RabbitMQ: one broker, one curator, three
 companies, each company with its own namespace, credentials, identity key, data volume and budget.
 
-1. The coordinator creates the federation (roster, identity keys) and renders tessera-broker, then
-   provisions the local broker with exactly the rendered plan (``plan.tsv``: vhost, users, permissions,
-   topic permissions) and the passwords from the Secrets the broker's provisioner would mount.
-2. The curator release and three tessera-participant releases are rendered with ``helm template``; each
-   Deployment's containers run as local processes with exactly the rendered command and environment
-   (``localpod``: mounted paths map to local files written from the rendered ConfigMaps and Secrets, the
-   broker URL's host and port to the local broker). The identity key is copied by the rendered init
-   container, from a Secret volume with the permissions a kubelet would give it.
+1. Each company installs its bootstrap release (``bootstrap=true``): the rendered Job creates the
+   organisation's identity key on the company's own claim and prints only the public key. The
+   coordinator builds the roster from the three public keys (``tessera roster build``), which prints the
+   roster fingerprint each company pins; it renders tessera-broker and provisions the local broker with
+   exactly the rendered plan (``plan.tsv``: vhost, users, permissions, topic permissions) and the
+   passwords from the Secrets the broker's provisioner would mount. No private key ever leaves a company.
+2. The curator release and the three companies' releases (the upgrade: roster, fingerprint, the same
+   claim) are rendered with ``helm template``; each Deployment's containers run as local processes with
+   exactly the rendered command and environment (``localpod``: mounted paths map to local files written
+   from the rendered ConfigMaps and Secrets, the broker URL's host and port to the local broker). The
+   identity key is copied by the rendered init container from the claim into an in-memory volume.
 3. The federation runs to completion; the rendered readiness/liveness probes and /metrics answer.
 4. With company A's credentials the broker refuses to let it read B's inbox, publish with B's routing
    key, publish to the default exchange, or claim B's user_id.
@@ -23,11 +26,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -166,6 +171,7 @@ class Rollout:
     logs: Path = Path()
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    public_keys: dict[str, str] = field(default_factory=dict)  # organisation -> what its Job printed
 
     def log_tails(self) -> str:
         return "\n".join(
@@ -207,7 +213,6 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     if reason:
         pytest.skip(f"needs a local RabbitMQ administered with rabbitmqctl ({reason}; `make broker`)")
     from tessera.apps.demo import write_hospital_data
-    from tessera.roster import create_demo_federation
     from tessera.transport import deprovision, generate_password
 
     started = time.monotonic()
@@ -219,10 +224,32 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     parts = urlsplit(BROKER_URL)
     broker = (parts.hostname or "127.0.0.1", parts.port or 5672)
 
-    # --- the coordinator: federation, broker release, provisioning ---------------------------------------
+    # --- each company, step 1: its identity key is born on its own claim; only the public key leaves ------
+    public_keys = {}
+    for company, org in orgs.items():
+        docs = helm_template(
+            helm, "tessera", "tessera-participant", company, "--set", "bootstrap=true",
+            "--set", f"federation.id={federation}", "--set", f"organisation.id={org}",
+        )  # fmt: skip
+        cluster.apply(docs)
+        job = cluster.pod(one(docs, "Job"), broker)
+        job.run_init_containers()
+        shown = re.search(r"public key:\s+([0-9a-f]{64})", job.run("identity-show"))
+        assert shown, f"{company}: the bootstrap Job printed no public key"
+        public_keys[org] = shown.group(1)
+
+    # --- the coordinator: the roster from public keys only, the broker release, provisioning -------------
     coordinator = root / "coordinator"
-    create_demo_federation(federation, list(orgs.values()), coordinator, curator_user=curator_user)
+    coordinator.mkdir()
     roster_file = coordinator / "roster.json"
+    built = subprocess.run(
+        [sys.executable, "-m", "tessera.apps.cli", "roster", "build", "--federation", federation,
+         *[a for org, key in public_keys.items() for a in ("--member", f"{org}={key}")],
+         "--curator-user", curator_user, "--clip", "1.0", "--out", str(roster_file)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    fingerprint = re.search(r"roster fingerprint: ([0-9a-f]{64})", built.stdout)
+    assert fingerprint, built.stdout
     org_sets = [x for i, org in enumerate(orgs.values()) for x in ("--set", f"organisations[{i}].id={org}")]
     cluster.add_secret("tessera", "initech-broker-password", {"amqp-password": generate_password()})
     broker_docs = helm_template(
@@ -234,7 +261,10 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     passwords = provisioner_passwords(broker_docs, cluster)
     assert plan.vhost == f"tessera-{federation}"
     assert plan.users == [curator_user, *orgs.values()] and set(passwords) == set(plan.users)
-    state = Rollout(federation, plan.vhost, orgs, curator_user, passwords, broker, logs=root / "logs")
+    state = Rollout(
+        federation, plan.vhost, orgs, curator_user, passwords, broker, logs=root / "logs",
+        public_keys=public_keys,
+    )  # fmt: skip
     state.logs.mkdir()
 
     def cleanup() -> None:
@@ -262,9 +292,6 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     company_docs = {}
     for (company, org), source in zip(orgs.items(), files.values(), strict=True):
         cluster.add_secret(company, "tessera-broker-password", {"password": passwords[org]})
-        cluster.add_secret(
-            company, "identity-key", {"key": (coordinator / "keys" / f"{org}.key").read_bytes()}
-        )
         if company == "globex":  # records in a directory on the node
             data_dir = root / "nodes" / "globex-node" / "records"
             data_args = ["--set", f"data.hostPath={data_dir}"]
@@ -276,8 +303,8 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
         docs = helm_template(
             helm, "tessera", "tessera-participant", company, "-f", str(VALUES / "company.yaml"),
             "--set", f"federation.id={federation}", "--set", f"organisation.id={org}",
-            "--set-file", f"roster.content={roster_file}", "--set-file", f"data.encoding.content={encoding}",
-            "--set", f"health.port={free_port()}", *data_args,
+            "--set-file", f"roster.content={roster_file}", "--set", f"roster.fingerprint={fingerprint.group(1)}",
+            "--set-file", f"data.encoding.content={encoding}", "--set", f"health.port={free_port()}", *data_args,
         )  # fmt: skip
         cluster.apply(docs)
         company_docs[company] = docs
@@ -361,10 +388,17 @@ def test_each_company_keeps_its_own_state(rollout: Rollout) -> None:
         pod = rollout.pods[company]
         state_dir = pod.volumes["state"] / "participant"
         assert any(state_dir.iterdir()), f"{company}: no accountant state on its claim"
-        # The key the service read: copied by the init container, owner-only, from a group-readable
-        # Secret volume (what the kubelet makes of defaultMode 0400 with fsGroup).
+        # The key the service read: born on the company's claim in step 1 (the same key: the roster
+        # holds its public half), copied owner-only by the init container into the in-memory volume.
         assert file_mode(pod.volumes["identity"] / "key") == 0o400
-        assert file_mode(pod.volumes["identity-secret"] / "key") == 0o440
+        stored = pod.volumes["state"] / "identity"
+        assert (stored / "key").read_text() == (pod.volumes["identity"] / "key").read_text()
+        org = rollout.orgs[company]
+        assert (stored / "public.hex").read_text().strip() == rollout.public_keys[org]
+        roster = json.loads((pod.volumes["roster"] / "roster.json").read_text())
+        (member,) = [m for m in roster["members"] if m["organisation"] == org]
+        assert member["identity_key"] == rollout.public_keys[org]
+        assert "identity-secret" not in pod.volumes
     assert rollout.pods["acme"].volumes["state"] != rollout.pods["initech"].volumes["state"]
 
 

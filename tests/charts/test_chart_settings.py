@@ -42,6 +42,7 @@ NOT_RENDERED = {
     "TESSERA_FAULTS__STALL_ROUND": "fault injection, for resilience tests only",
     "TESSERA_FAULTS__SLOW_SECONDS": "fault injection, for resilience tests only",
     "TESSERA_FAULTS__RECORD_INPUTS": "fault injection, for resilience tests only",
+    "TESSERA_FAULTS__ADVERTISE_LOW_ORDER_KEY": "fault injection, for the insider tests only",
     "TESSERA_FAULTS__PAUSE_BEFORE_ROUND": "fault injection, for resilience tests only",
     "TESSERA_FAULTS__PAUSE_SECONDS": "fault injection, for resilience tests only",
     # New with `tessera model export`; the curator chart is being reworked on main, so its value
@@ -70,6 +71,7 @@ DELIBERATE = {
     "TESSERA_BROKER__PASSWORD_FILE": "the mounted Secret",
     "TESSERA_MODEL__KWARGS": "the task: set by ci/default-values.yaml",
     "TESSERA_DATA__LABEL_COLUMN": "the task: set by ci/default-values.yaml",
+    "TESSERA_ROSTER_FINGERPRINT": "the curator may pin its roster too: ci/default-values.yaml does",
     "TESSERA_HEALTH__LINGER_AFTER_FINISH": "a Deployment would restart an exited container: stay up instead",
 }
 

@@ -215,16 +215,19 @@ def test_unset_optional_settings_are_not_rendered(helm: Helm) -> None:
     env = container_env(main_container(render(helm, DEFAULT)))
     for name in (
         "TESSERA_ROUNDS__TARGET_ACCURACY",
-        "TESSERA_SECAGG__VALUE_BITS",
-        "TESSERA_SECAGG__THRESHOLD_FRACTION",
+        "TESSERA_ROUNDS__MIN_PARTICIPANTS",
+        "TESSERA_SERVER__DECISION_THRESHOLD",
         "TESSERA_VALIDATION__PATH",
         "TESSERA_BROKER__TLS__SERVER_NAME",
     ):
         assert name not in env
     env = container_env(main_container(render(helm, REALISTIC)))
     assert env["TESSERA_ROUNDS__TARGET_ACCURACY"] == "0.93"
-    assert env["TESSERA_SECAGG__VALUE_BITS"] == "40"
-    assert env["TESSERA_SECAGG__MAX_WEIGHT"] == "200000"
+    assert env["TESSERA_ROUNDS__MAX_OFFENCES"] == "2"
+    assert env["TESSERA_SERVER__DECISION_THRESHOLD"] == "0.3"
+    assert env["TESSERA_ROSTER_FINGERPRINT"].replace(" ", "").startswith("d18ebe1f")
+    # What participants check comes from the roster, never from the curator's values.
+    assert not [name for name in env if name.startswith("TESSERA_SECAGG__") and not name.endswith("TIMEOUT")]
     assert env["TESSERA_BROKER__CHUNK_SIZE"] == "16777216", "large integers must not render as 1.6777216e+07"
     assert json.loads(env["TESSERA_MODEL__KWARGS"]) == {"input_dim": 30, "hidden": [64, 32], "num_classes": 2}
 
@@ -262,7 +265,7 @@ BASE = ["-f", str(DEFAULT)]
             r"needs metrics\.service\.enabled",
         ),
         (["--set", "rounds.maxRound=3"], r"Additional property maxRound is not allowed"),
-        (["--set", "secagg.ringBits=48"], r"secagg\.ringBits must be one of the following: 32, 64"),
+        (["--set", "secagg.ringBits=64"], r"secagg: Additional property ringBits is not allowed"),
         (
             ["--set-json", "rounds.targetAccuracy=1.5"],
             r"rounds\.targetAccuracy: Must be less than or equal to 1",
@@ -272,10 +275,8 @@ BASE = ["-f", str(DEFAULT)]
             ["--set", "rounds.targetAccuracy=0.9"],
             r"rounds\.targetAccuracy: Invalid type\. Expected: \[number,null\], given: string",
         ),
-        (
-            ["--set-json", "secagg.thresholdFraction=0.5"],
-            r"secagg\.thresholdFraction: Must be greater than 0\.5",
-        ),
+        (["--set-json", "server.momentum=1"], r"server\.momentum: Must be less than 1"),
+        (["--set", "roster.fingerprint=abc"], r"roster\.fingerprint: Does not match pattern"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import yaml
 from chart_helpers import (
     CHARTS_DIR,
     K8S_VERSIONS,
@@ -111,20 +112,76 @@ def test_identity_key_reaches_the_service_owner_only(helm: Helm, ci_file: Path) 
     env = container_env(container)
     key_volume, key_name = volume_for_path(pod, container, env["TESSERA_IDENTITY_KEY_FILE"])
     assert key_volume["emptyDir"]["medium"] == "Memory", "the private key must not touch the node's disk"
-    (init,) = pod["initContainers"]
-    secret_volume, secret_key = volume_for_path(pod, init, "/etc/tessera/identity-secret/key")
-    assert secret_volume["secret"]["secretName"] == values["identity"]["existingSecret"]
-    assert secret_volume["secret"]["defaultMode"] == 0o400
-    assert secret_volume["secret"]["items"] == [
-        {"key": values["identity"].get("existingSecretKey", "key"), "path": secret_key}
-    ]
-    # install -m 0400 <secret file> <file in the in-memory volume the service reads>
-    *cmd, source, target = init["command"]
-    assert cmd == ["install", "-m", "0400"] and source == "/etc/tessera/identity-secret/key"
-    assert volume_for_path(pod, init, target)[0] is key_volume and target == env["TESSERA_IDENTITY_KEY_FILE"]
     assert key_name == "key"
-    # Only the init container sees the Secret.
-    assert all(m["name"] != secret_volume["name"] for m in container["volumeMounts"])
+    secret = values.get("identity", {}).get("existingSecret")
+    inits = {c["name"]: c for c in pod["initContainers"]}
+    copy = inits["identity-key"]
+    if secret:  # a key made elsewhere, handed over as a Secret
+        assert list(inits) == ["identity-key"]
+        stored = "/etc/tessera/identity-secret/key"
+        stored_volume, stored_key = volume_for_path(pod, copy, stored)
+        assert stored_volume["secret"]["secretName"] == secret
+        assert stored_volume["secret"]["defaultMode"] == 0o400
+        assert stored_volume["secret"]["items"] == [
+            {"key": values["identity"].get("existingSecretKey", "key"), "path": stored_key}
+        ]
+    else:  # born here: created on the release's own state volume at first start, kept there
+        assert list(inits) == ["identity-init", "identity-key"], "the key must exist before it is copied"
+        stored = "/var/lib/tessera/identity/key"
+        stored_volume, _ = volume_for_path(pod, copy, stored)
+        (state,) = [v for v in pod["volumes"] if v["name"] == "state"]
+        assert stored_volume is state, "the key lives on the state claim, with the privacy accountant"
+        create = inits["identity-init"]
+        assert create["command"] == ["tessera"] and create["args"][:2] == ["identity", "init"]
+        assert (
+            create["args"][create["args"].index("--key") + 1] == stored and "--if-missing" in create["args"]
+        )
+        assert volume_for_path(pod, create, stored)[0] is stored_volume
+        assert "identity-secret" not in {v["name"] for v in pod["volumes"]}
+    # install -m 0400 <stored key> <file in the in-memory volume the service reads>
+    *cmd, source, target = copy["command"]
+    assert cmd == ["install", "-m", "0400"] and source == stored
+    assert volume_for_path(pod, copy, target)[0] is key_volume and target == env["TESSERA_IDENTITY_KEY_FILE"]
+    # The service reads only the 0400 copy, and never skips the permission check.
+    assert "TESSERA_ALLOW_SHARED_KEY_FILE" not in env
+    if secret:
+        assert all(m["name"] != stored_volume["name"] for m in container["volumeMounts"])
+
+
+def test_bootstrap_creates_the_key_on_the_claim_the_release_keeps(helm: Helm) -> None:
+    """Step 1 of a company's rollout: no roster exists yet, so only the claim and the key Job render."""
+    docs = render_bootstrap(helm)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["Job", "NetworkPolicy", "PersistentVolumeClaim", "ServiceAccount"], kinds
+    job = next(d for d in docs if d["kind"] == "Job")
+    pod = job["spec"]["template"]["spec"]
+    (create,) = pod["initContainers"]
+    (show,) = pod["containers"]
+    assert create["args"][:2] == ["identity", "init"] and "--if-missing" in create["args"]
+    assert show["args"][:2] == ["identity", "show"]
+    assert pod["automountServiceAccountToken"] is False
+    claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    (state,) = [v for v in pod["volumes"] if v["name"] == "state"]
+    # The normal release (step 2) mounts the same claim, so the key born in step 1 is the one it uses.
+    normal = pod_spec(render(helm, DEFAULT))
+    (normal_state,) = [v for v in normal["volumes"] if v["name"] == "state"]
+    assert state["persistentVolumeClaim"] == normal_state["persistentVolumeClaim"]
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["ingress"] == [] and policy["spec"]["egress"] == []
+
+
+def render_bootstrap(helm: Helm, *extra: str) -> list[dict[str, Any]]:
+    out = helm.run(
+        "template", "tessera", str(CHART_DIR), "--set", "bootstrap=true",
+        "--set", "federation.id=demo", "--set", "organisation.id=org-a", *extra,
+    )  # fmt: skip
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_bootstrap_refuses_a_handed_over_key(helm: Helm) -> None:
+    with pytest.raises(helm.Error, match=r"bootstrap is true but identity\.existingSecret is set"):
+        render_bootstrap(helm, "--set", "identity.existingSecret=k")
 
 
 @pytest.mark.parametrize("ci_file", CI_FILES, ids=CI_IDS)
@@ -226,7 +283,8 @@ BASE = ["-f", str(DEFAULT)]
             r'organisation\.id "org-z" is not in the roster \(members: org-a, org-b, org-c\)',
         ),
         (["--set", "federation.id=other"], r'roster of federation "demo" but federation\.id is "other"'),
-        (["--set", "identity.existingSecret="], r"identity\.existingSecret is empty: create a Secret"),
+        (["--set", "roster.fingerprint="], r"roster\.fingerprint is empty: set the roster fingerprint"),
+        (["--set", "roster.fingerprint=abc"], r"roster\.fingerprint: Does not match pattern"),
         (["--set", "broker.auth.existingSecret="], r"broker\.auth\.existingSecret is empty"),
         (["--set", "broker.url=amqp://org-a:secret@broker/"], r"broker\.url: Does not match pattern"),
         (["--set", "broker.tls.existingSecret=ca"], r"broker\.tls\.\* is set but broker\.url is amqp://"),
@@ -268,7 +326,7 @@ def test_missing_required_values_fail(helm: Helm) -> None:
         helm.run("template", "t", str(CHART_DIR))
     for text in (
         "organisation.id is empty",
-        "identity.existingSecret is empty",
+        "roster.fingerprint is empty",
         "no data volume",
         "data.file is empty",
     ):

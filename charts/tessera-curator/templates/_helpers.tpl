@@ -108,11 +108,11 @@ patterns; these checks cover what a schema cannot say, and hold under --skip-sch
 {{- if and .Values.roster.content .Values.roster.existingConfigMap -}}
 {{- $msgs = append $msgs "roster.content and roster.existingConfigMap are both set: use one (the roster file via --set-file roster.content=roster.json, or the name of a ConfigMap that holds it)." -}}
 {{- else if not (or .Values.roster.content .Values.roster.existingConfigMap) -}}
-{{- $msgs = append $msgs "no roster: pass the roster from `tessera roster init` with --set-file roster.content=roster.json, or set roster.existingConfigMap." -}}
+{{- $msgs = append $msgs "no roster: pass the roster from `tessera roster build` with --set-file roster.content=roster.json, or set roster.existingConfigMap." -}}
 {{- else if .Values.roster.content -}}
 {{- $roster := fromJson (toString .Values.roster.content) -}}
 {{- if or (hasKey $roster "Error") (not (hasKey $roster "members")) -}}
-{{- $msgs = append $msgs "roster.content is not a roster: it must be the JSON file written by `tessera roster init` (with federation, curator_user and members)." -}}
+{{- $msgs = append $msgs "roster.content is not a roster: it must be the JSON file written by `tessera roster build` (with federation, curator_user and members)." -}}
 {{- else -}}
 {{- if ne (toString $roster.federation) $fed -}}
 {{- $msgs = append $msgs (printf "roster.content is the roster of federation %q but federation.id is %q: use the matching roster or id." (toString $roster.federation) $fed) -}}

@@ -123,6 +123,12 @@ patterns; these checks cover what a schema cannot say, and hold under --skip-sch
 {{- else if has $org (list "curator" "all" "selected" "guest") -}}
 {{- $msgs = append $msgs (printf "organisation.id %q is reserved (curator, all, selected, guest): use the id the roster gives this company." $org) -}}
 {{- end -}}
+{{- if not .Values.bootstrap -}}
+{{- if not .Values.roster.fingerprint -}}
+{{- $msgs = append $msgs "roster.fingerprint is empty: set the roster fingerprint the coordinator printed (`tessera roster build`), after comparing it out of band with the coordinator and the other companies, e.g. --set roster.fingerprint=<64 hex digits>. The participant refuses any other roster." -}}
+{{- else if not (regexMatch "^[0-9a-fA-F :]{64,95}$" (toString .Values.roster.fingerprint)) -}}
+{{- $msgs = append $msgs (printf "roster.fingerprint %q is not a fingerprint: it is 64 hex digits (spaces or colons between groups are allowed)." (toString .Values.roster.fingerprint)) -}}
+{{- end -}}
 {{- if and .Values.roster.content .Values.roster.existingConfigMap -}}
 {{- $msgs = append $msgs "roster.content and roster.existingConfigMap are both set: use one (the roster file via --set-file roster.content=roster.json, or the name of a ConfigMap that holds it)." -}}
 {{- else if not (or .Values.roster.content .Values.roster.existingConfigMap) -}}
@@ -130,7 +136,7 @@ patterns; these checks cover what a schema cannot say, and hold under --skip-sch
 {{- else if .Values.roster.content -}}
 {{- $roster := fromJson (toString .Values.roster.content) -}}
 {{- if or (hasKey $roster "Error") (not (hasKey $roster "members")) -}}
-{{- $msgs = append $msgs "roster.content is not a roster: it must be the JSON file written by `tessera roster init` (with federation, curator_user and members)." -}}
+{{- $msgs = append $msgs "roster.content is not a roster: it must be the JSON file written by `tessera roster build` (with federation, curator_user and members)." -}}
 {{- else -}}
 {{- if ne (toString $roster.federation) $fed -}}
 {{- $msgs = append $msgs (printf "roster.content is the roster of federation %q but federation.id is %q: use the matching roster or id." (toString $roster.federation) $fed) -}}
@@ -141,9 +147,6 @@ patterns; these checks cover what a schema cannot say, and hold under --skip-sch
 {{- $msgs = append $msgs (printf "organisation.id %q is not in the roster (members: %s): use the id the coordinator gave this company, or ask for an updated roster." $org (join ", " $members)) -}}
 {{- end -}}
 {{- end -}}
-{{- end -}}
-{{- if not .Values.identity.existingSecret -}}
-{{- $msgs = append $msgs "identity.existingSecret is empty: create a Secret from the identity key the coordinator sent (kubectl create secret generic <org>-identity --from-file=key=<org>.key) and name it here." -}}
 {{- end -}}
 {{- $url := toString (.Values.broker.url | default "") -}}
 {{- if not $url -}}
@@ -186,7 +189,38 @@ patterns; these checks cover what a schema cannot say, and hold under --skip-sch
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) -}}
 {{- $msgs = append $msgs "metrics.serviceMonitor.enabled needs metrics.service.enabled=true (the ServiceMonitor selects that Service)." -}}
 {{- end -}}
+{{- else if .Values.identity.existingSecret -}}
+{{- $msgs = append $msgs "bootstrap is true but identity.existingSecret is set: bootstrap creates the key on the state volume; with a key made elsewhere, skip bootstrap." -}}
+{{- end -}}
 {{- if $msgs -}}
 {{- fail (printf "\n\nINVALID VALUES for tessera-participant:\n  - %s\n" (join "\n  - " $msgs)) -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+The container that creates this organisation's identity key on the state volume, unless it exists. The
+kubelet may have made an existing key group-readable (fsGroup), which the key loader refuses: here the
+volume's ownership protects it at rest (the service itself only reads the 0400 copy), hence the override.
+*/}}
+{{- define "tessera-participant.identityInitContainer" -}}
+image: {{ include "tessera-participant.image" . }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+command: ["tessera"]
+args: ["identity", "init", "--key", "/var/lib/tessera/identity/key", "--if-missing", "--public-out", "/var/lib/tessera/identity/public.hex"]
+env:
+  - name: TESSERA_ALLOW_SHARED_KEY_FILE
+    value: "1"
+securityContext:
+  {{- toYaml .Values.containerSecurityContext | nindent 2 }}
+resources:
+  requests:
+    cpu: 10m
+    memory: 64Mi
+  limits:
+    memory: 256Mi
+volumeMounts:
+  - name: state
+    mountPath: /var/lib/tessera
+  - name: tmp
+    mountPath: /tmp
 {{- end -}}
