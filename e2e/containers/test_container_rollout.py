@@ -1,8 +1,10 @@
 """The rendered charts as real containers: the broker, the curator and three companies, each in its own network.
 
-The flow of e2e/local (helm template of tessera-broker, tessera-curator and three tessera-participant
-releases; the broker provisioned with exactly the rendered plan and Secrets), but every pod runs as a
-docker container of the built images, with the rendered command, args, environment, securityContext
+The flow of e2e/local (each company's bootstrap release, whose Job makes the identity key on the company's
+own claim and prints only the public key; the coordinator's `tessera roster build` from the public keys;
+helm template of tessera-broker, tessera-curator and three tessera-participant releases pinning the
+roster fingerprint; the broker provisioned with exactly the rendered plan and Secrets), but every pod,
+the Jobs' too, runs as a docker container of the built images, with the rendered command, args, environment, securityContext
 (user 10001, fsGroup as a supplementary group, read-only root, no capabilities, /tmp a tmpfs) and volumes
 (ConfigMaps, Secrets, claims materialised by e2e/local/localpod.py and bind-mounted at their mountPaths).
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -98,7 +101,6 @@ class Pod:
     local: LocalPod
     name: str  # container name
     network: str
-    roster_fingerprint: str
     logs: list[str] = field(default_factory=list)
 
     @property
@@ -128,8 +130,7 @@ class Pod:
             source = self.local.volumes[mount["name"]] / mount.get("subPath", "")
             mode = "ro" if mount.get("readOnly") else "rw"
             args += ["-v", f"{source}:{mount['mountPath']}:{mode}"]
-        env = adapt_to_services(self.local.rendered_env(container), self.roster_fingerprint)
-        for key, value in env.items():
+        for key, value in self.local.rendered_env(container).items():
             args += ["-e", f"{key}={value}"]
         argv = [*container.get("command", []), *container.get("args", [])]
         image = container["image"]
@@ -138,6 +139,11 @@ class Pod:
     def run_init_containers(self) -> None:
         for container in self.local.spec.get("initContainers", []):
             docker("run", "--rm", *self._run_args(container), timeout=120)
+
+    def run_to_completion(self) -> str:
+        """A Job's pod: init containers, then its container to completion; that container's output."""
+        self.run_init_containers()
+        return docker("run", "--rm", *self._run_args(self.main), timeout=120).stdout
 
     def start(self) -> None:
         docker("run", "-d", "--name", self.name, *self._run_args(self.main))
@@ -169,26 +175,6 @@ class Pod:
     def logs_text(self) -> str:
         out = docker("logs", self.name, check=False)
         return out.stdout + out.stderr
-
-
-# Main's charts still render the roster-v1 settings while the lead moves them to roster v2 and
-# roster.fingerprint (the encoding parameters now come from the roster; each company pins its fingerprint).
-# Until that lands, these rendered variables are dropped and the fingerprint added, and the test says so;
-# once the charts render the new settings this does nothing.
-STALE_CHART_SETTINGS = (
-    "TESSERA_SECAGG__RING_BITS", "TESSERA_SECAGG__CLIP", "TESSERA_SECAGG__GRAPH", "TESSERA_SECAGG__MAX_WEIGHT",
-)  # fmt: skip
-ADAPTED: list[str] = []
-
-
-def adapt_to_services(env: dict[str, str], roster_fingerprint: str) -> dict[str, str]:
-    stale = [k for k in STALE_CHART_SETTINGS if k in env]
-    out = {k: v for k, v in env.items() if k not in stale}
-    if "TESSERA_ORGANISATION" in env and "TESSERA_ROSTER_FINGERPRINT" not in env:
-        out["TESSERA_ROSTER_FINGERPRINT"] = roster_fingerprint
-        stale.append("+TESSERA_ROSTER_FINGERPRINT")
-    ADAPTED.extend(stale)
-    return out
 
 
 def own_files(path: Path) -> None:
@@ -258,7 +244,6 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
         pytest.skip("helm is not installed: run `bash scripts/install-helm.sh`")
     broker_image()
     from tessera.apps.demo import write_hospital_data
-    from tessera.roster import create_demo_federation
     from tessera.transport import generate_password
     from tessera.transport import topology as topo
     from tessera.transport.provision import RabbitmqctlBackend, UserGrant
@@ -267,15 +252,49 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     tag = secrets.token_hex(3)
     federation, curator_user = f"ctr-{tag}", f"cur-{tag}"
     orgs = {company: f"{company}-{tag}" for company in COMPANIES}
+    state_networks: list[str] = []
+
+    def remove_networks() -> None:
+        for network in state_networks:
+            docker("network", "rm", network, check=False)
+
+    request.addfinalizer(remove_networks)  # runs after the containers' removal (finalizers are LIFO)
     root = tmp_path_factory.mktemp("containers")
     root.chmod(0o755)
     cluster = Cluster(root / "cluster")
-    coordinator = root / "coordinator"
-    create_demo_federation(federation, list(orgs.values()), coordinator, curator_user=curator_user)
-    roster_file = coordinator / "roster.json"
-    from tessera.roster import RosterFile
+    # --- each company: its bootstrap release's Job makes its identity key on its own claim, in a container
+    # of its own network; only the public key leaves ----------------------------------------------------
+    for name in ("tessera", *COMPANIES):
+        network = f"tessera-e2e-{tag}-{name}"
+        docker("network", "create", "--internal", network)
+        state_networks.append(network)
+    public_keys = {}
+    for i, (company, org) in enumerate(orgs.items(), start=1):
+        docs = local.helm_template(
+            helm, "tessera", "tessera-participant", company, "--set", "bootstrap=true",
+            "--set", f"federation.id={federation}", "--set", f"organisation.id={org}",
+        )  # fmt: skip
+        cluster.apply(docs)
+        own_files(cluster.root)
+        job = Pod(cluster.pod(local.one(docs, "Job"), ("unused", 0)), f"tessera-e2e-{tag}-{company}-identity",
+                  state_networks[i])  # fmt: skip
+        shown = re.search(r"public key:\s+([0-9a-f]{64})", job.run_to_completion())
+        assert shown, f"{company}: the bootstrap Job printed no public key"
+        public_keys[org] = shown.group(1)
 
-    fingerprint = RosterFile.load(roster_file).fingerprint()
+    # --- the coordinator: the roster from the public keys only (`tessera roster build`) ------------------
+    coordinator = root / "coordinator"
+    coordinator.mkdir()
+    roster_file = coordinator / "roster.json"
+    built = subprocess.run(
+        [sys.executable, "-m", "tessera.apps.cli", "roster", "build", "--federation", federation,
+         *[a for org, key in public_keys.items() for a in ("--member", f"{org}={key}")],
+         "--curator-user", curator_user, "--clip", "1.0", "--out", str(roster_file)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    pinned = re.search(r"roster fingerprint: ([0-9a-f]{64})", built.stdout)
+    assert pinned, built.stdout
+    fingerprint = pinned.group(1)
     org_sets = [x for i, org in enumerate(orgs.values()) for x in ("--set", f"organisations[{i}].id={org}")]
     cluster.add_secret("tessera", "initech-broker-password", {"amqp-password": generate_password()})
     broker_docs = local.helm_template(
@@ -285,23 +304,16 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     cluster.apply(broker_docs)
     plan = local.Plan.parse(local.one(broker_docs, "ConfigMap", "-provisioning")["data"]["plan.tsv"])
     passwords = local.provisioner_passwords(broker_docs, cluster)
-    state = Rollout(tag, federation, plan.vhost, orgs, passwords)
+    state = Rollout(tag, federation, plan.vhost, orgs, passwords, networks=state_networks)
 
     def cleanup() -> None:
         for pod in state.pods.values():
             docker("rm", "-f", pod.name, check=False)
         if state.broker:
             docker("rm", "-f", state.broker, check=False)
-        for network in state.networks:
-            docker("network", "rm", network, check=False)
 
     request.addfinalizer(cleanup)
 
-    # --- networks: one per company and one for the curator, internal (no way out but to the broker) ------
-    for name in ("tessera", *COMPANIES):
-        network = f"tessera-e2e-{tag}-{name}"
-        docker("network", "create", "--internal", network)
-        state.networks.append(network)
     service = next(d for d in broker_docs if d["kind"] == "Service" and d["spec"].get("clusterIP") != "None")
     broker_host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
     state.broker = f"tessera-e2e-{tag}-broker"
@@ -343,25 +355,22 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     company_docs = {}
     for (company, org), source in zip(orgs.items(), files.values(), strict=True):
         cluster.add_secret(company, "tessera-broker-password", {"password": passwords[org]})
-        cluster.add_secret(
-            company, "identity-key", {"key": (coordinator / "keys" / f"{org}.key").read_bytes()}
-        )
         data_dir = cluster.add_claim(company, "clinical-records")
         shutil.copyfile(source, data_dir / "records.csv")
         docs = local.helm_template(
             helm, "tessera", "tessera-participant", company, "-f", str(VALUES / "company.yaml"),
             "--set", f"federation.id={federation}", "--set", f"organisation.id={org}",
-            "--set-file", f"roster.content={roster_file}", "--set-file", f"data.encoding.content={encoding}",
-            "--set", "data.existingClaim=clinical-records",
+            "--set-file", f"roster.content={roster_file}", "--set", f"roster.fingerprint={fingerprint}",
+            "--set-file", f"data.encoding.content={encoding}", "--set", "data.existingClaim=clinical-records",
         )  # fmt: skip
         cluster.apply(docs)
         company_docs[company] = docs
 
     curator_local = cluster.pod(local.one(curator_docs, "Deployment"), ("unused", 0))
-    state.pods["curator"] = Pod(curator_local, f"tessera-e2e-{tag}-curator", state.networks[0], fingerprint)
+    state.pods["curator"] = Pod(curator_local, f"tessera-e2e-{tag}-curator", state.networks[0])
     for i, (company, docs) in enumerate(company_docs.items(), start=1):
         pod_local = cluster.pod(local.one(docs, "Deployment"), ("unused", 0))
-        state.pods[company] = Pod(pod_local, f"tessera-e2e-{tag}-{company}", state.networks[i], fingerprint)
+        state.pods[company] = Pod(pod_local, f"tessera-e2e-{tag}-{company}", state.networks[i])
     own_files(cluster.root)
     for pod in state.pods.values():
         pod.run_init_containers()
@@ -432,10 +441,6 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
         state.metrics[name] = pod.http_get("metrics", "/metrics")[1]
     state.report = curator_report(state)
     print(f"container rollout: {json.dumps(state.timings)}")
-    if ADAPTED:
-        print(
-            f"adapted the rendered environment to the services (chart update pending): {sorted(set(ADAPTED))}"
-        )
     yield state
 
 
