@@ -23,9 +23,19 @@ stop_engine() {
   [[ -n "$pid" ]] || return 0
   kill "$pid" 2>/dev/null || true
   for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-  # dockerd leaves its NAT/filter chains and the default bridge behind: put the host back as it was.
-  iptables-restore <"$state/iptables.before" 2>/dev/null || true
-  ip6tables-restore <"$state/ip6tables.before" 2>/dev/null || true
+  # dockerd leaves its NAT/filter chains (and a FORWARD policy of DROP) and the default bridge behind: put
+  # the host back as it was. iptables-restore only replaces the tables its input names, so every table is
+  # emptied first (an empty saved dump, no rules before, restores nothing by itself).
+  local tool table
+  for tool in iptables ip6tables; do
+    command -v "$tool" >/dev/null || continue
+    for table in filter nat mangle raw; do
+      "$tool" -t "$table" -F 2>/dev/null || true
+      "$tool" -t "$table" -X 2>/dev/null || true
+    done
+    for chain in INPUT FORWARD OUTPUT; do "$tool" -P "$chain" ACCEPT 2>/dev/null || true; done
+    "$tool-restore" <"$state/$tool.before" 2>/dev/null || true
+  done
   if [[ ! -e "$state/docker0.existed" ]]; then ip link delete docker0 2>/dev/null || true; fi
   rm -f "$state/dockerd.pid"
   echo "e2e/containers: stopped the dockerd it started and removed its network rules"
