@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint typecheck pytest demo broker helm images e2e-kind bench clean
+.PHONY: venv test lint typecheck pytest demo broker helm images e2e-containers e2e-kind bench clean
 
 venv: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ test: lint typecheck pytest
 
 images:
 	TORCH_SPEC="$(TORCH_SPEC)" TORCH_PIP_ARGS="$(TORCH_PIP_ARGS)" bash scripts/build-images.sh
+
+# The rendered charts as real containers (docker; starts dockerd when root and none runs, and stops it again).
+# Builds the images first. Minutes, so not part of `make test`.
+e2e-containers: venv helm
+	TORCH_SPEC="$(TORCH_SPEC)" TORCH_PIP_ARGS="$(TORCH_PIP_ARGS)" bash e2e/containers/run.sh
 
 # Needs Docker and kind (not available on every host): a real cluster, the images, three companies.
 e2e-kind: venv helm

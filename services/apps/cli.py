@@ -11,6 +11,8 @@
     tessera broker provision --roster ROSTER --passwords-out FILE
                                                create the vhost, users, permissions on a local RabbitMQ
     tessera settings curator|participant       list every setting with its variable and description
+    tessera model export --out DIR [--state-dir DIR] [--round N] [--from curator|participant]
+                                               the trained model as model.pt, model.safetensors, model.json
 
 Errors in configuration print one clear message and exit with status 2.
 """
@@ -241,6 +243,31 @@ def _broker_provision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_export(args: argparse.Namespace) -> int:
+    import os
+
+    from tessera.apps.export import export_model
+
+    state_dir = args.state_dir or os.environ.get("TESSERA_STATE_DIR")
+    if not state_dir:
+        raise ConfigurationError("give the service's state directory: --state-dir DIR (or TESSERA_STATE_DIR)")
+    exported = export_model(
+        Path(state_dir),
+        Path(args.out),
+        source=args.source,
+        round_number=args.round,
+        onnx=args.onnx,
+        input_shape=args.input_shape,
+        force=args.force,
+        allowed_imports=args.allow_import,
+    )
+    print(f"exported the {exported.source}'s model of round {exported.round} to {exported.directory}:")
+    for path in exported.files:
+        print(f"  {path}")
+    print("load it: see docs/model.md (tessera.models.build_model + safetensors.torch.load_file)")
+    return 0
+
+
 def _describe(model: type[BaseModel], prefix: str = "TESSERA_") -> list[tuple[str, str, str]]:
     rows = []
     for name, field in model.model_fields.items():
@@ -386,6 +413,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--passwords-out", required=True, help="JSON file of generated passwords (kept, mode 600)"
     )
     prov.set_defaults(handler=_broker_provision)
+
+    model = commands.add_parser("model", help="the trained model").add_subparsers(
+        dest="model_command", required=True
+    )
+    export = model.add_parser(
+        "export", help="write the curator's (or a participant's last announced) model as standard files"
+    )
+    export.add_argument("--out", required=True, help="output directory (created if needed)")
+    export.add_argument(
+        "--state-dir", default=None, help="the service's state directory (default: $TESSERA_STATE_DIR)"
+    )
+    export.add_argument(
+        "--round",
+        type=int,
+        default=None,
+        help="the weights after this round (curator: kept for the last rounds.keep_weights rounds); default: the latest",
+    )
+    export.add_argument(
+        "--from",
+        dest="source",
+        choices=["curator", "participant"],
+        default=None,
+        help="which service's state directory it is (default: detected)",
+    )
+    export.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx extra)")
+    export.add_argument(
+        "--input-shape", type=int, nargs="+", default=None, help="ONNX: example input shape, e.g. 1 30"
+    )
+    export.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="MODULE:FACTORY",
+        help="trust this import: model factory (as the participant's allowed_imports)",
+    )
+    export.add_argument("--force", action="store_true", help="replace model files already in --out")
+    export.set_defaults(handler=_model_export)
 
     settings = commands.add_parser("settings", help="list a service's settings")
     settings.add_argument("service", choices=["curator", "participant"])

@@ -13,7 +13,8 @@ What it does, step by step (everything under ``demo-output/``):
    (``tessera curator`` / ``tessera participant``) configured only through ``TESSERA_*`` variables.
    Otherwise it says so and runs the same federation in this process over an in-process exchange.
 4. Shows each round as it completes, then a summary; the report is ``demo-output/report.json`` with the plot
-   ``demo-output/report.png``.
+   ``demo-output/report.png``, and the trained model is exported to ``demo-output/model/`` (``tessera model
+   export``: ``model.safetensors``, ``model.pt``, ``model.json``; docs/model.md loads it).
 """
 
 from __future__ import annotations
@@ -308,6 +309,17 @@ def summarise(document: dict[str, Any], out: Path, mode: str) -> None:
         if source.exists():
             shutil.copyfile(source, out / name)
     say(f"  report: {out / 'report.json'}  plot: {out / 'report.png'}")
+    # The trained model as standard files, exactly as `tessera model export` writes them (docs/model.md).
+    from tessera.apps.export import export_model
+
+    exported = export_model(out / "curator", out / "model", source="curator")
+    say(
+        f"  trained model (round {exported.round}): {exported.directory}/model.safetensors, model.pt, model.json"
+    )
+    say(
+        f"    again by hand: tessera model export --state-dir {out / 'curator'} --out <dir>; "
+        "to load and predict: docs/model.md"
+    )
 
 
 # --- the two modes ------------------------------------------------------------------------------------------

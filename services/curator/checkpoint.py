@@ -3,12 +3,18 @@
 ``checkpoint.npz`` holds the weights and a JSON document (rounds completed, history, status) together, so a
 crash can never leave a model and a history that disagree. ``report.json`` (and ``report.png``) are derived
 from it and rewritten after every round for people and dashboards.
+
+``rounds/round-NNNNNN.npz`` keep the global weights after each of the last ``rounds.keep_weights`` rounds
+(with the model's fingerprint), so an earlier round's model can be exported (``tessera model export
+--round N``). They are written after the checkpoint and never read back by the curator: the checkpoint alone
+is its state, and a missing or pruned round file only means that round can no longer be exported.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +29,9 @@ from .records import RoundRecord, Status
 
 CHECKPOINT = "checkpoint.npz"
 REPORT = "report.json"
+ROUNDS_DIR = "rounds"
 FORMAT_VERSION = 1
+_ROUND_FILE = re.compile(r"^round-(\d{6,})\.npz$")
 
 
 @dataclass
@@ -120,4 +128,62 @@ def load(state_dir: Path) -> CuratorState | None:
         ) from exc
 
 
-__all__ = ["CHECKPOINT", "REPORT", "CuratorState", "load", "save"]
+def round_weights_path(state_dir: Path, round_number: int) -> Path:
+    return state_dir / ROUNDS_DIR / f"round-{round_number:06d}.npz"
+
+
+def save_round_weights(
+    state_dir: Path, round_number: int, weights: npt.NDArray[np.float32], fingerprint: str, *, keep: int
+) -> None:
+    """Keep the weights after ``round_number``, and delete round files older than the last ``keep``."""
+    if keep <= 0:
+        return
+    atomic_write_arrays(
+        round_weights_path(state_dir, round_number),
+        weights=np.asarray(weights, dtype=np.float32),
+        fingerprint=np.frombuffer(fingerprint.encode(), dtype=np.uint8),
+    )
+    for old in saved_rounds(state_dir):
+        if old <= round_number - keep:
+            round_weights_path(state_dir, old).unlink(missing_ok=True)
+
+
+def saved_rounds(state_dir: Path) -> list[int]:
+    """The rounds whose weights are kept in ``rounds/``, ascending."""
+    directory = state_dir / ROUNDS_DIR
+    if not directory.is_dir():
+        return []
+    found = (_ROUND_FILE.match(p.name) for p in directory.iterdir())
+    return sorted(int(m[1]) for m in found if m)
+
+
+def load_round_weights(state_dir: Path, round_number: int) -> tuple[npt.NDArray[np.float32], str]:
+    """The kept weights after ``round_number`` and the model fingerprint they belong to.
+
+    Raises:
+        ConfigurationError: no such file, or a damaged one.
+    """
+    path = round_weights_path(state_dir, round_number)
+    if not path.exists():
+        raise ConfigurationError(f"no weights kept for round {round_number} ({path} does not exist)")
+    try:
+        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as archive:
+            weights = archive["weights"].astype(np.float32)
+            fingerprint = archive["fingerprint"].tobytes().decode()
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"round weights {path} are damaged ({exc})") from exc
+    return weights, fingerprint
+
+
+__all__ = [
+    "CHECKPOINT",
+    "REPORT",
+    "ROUNDS_DIR",
+    "CuratorState",
+    "load",
+    "load_round_weights",
+    "round_weights_path",
+    "save",
+    "save_round_weights",
+    "saved_rounds",
+]

@@ -315,6 +315,15 @@ class Curator:
         self.state.history.append(record)
         self.state.rounds_completed = round_number
         self._save()
+        # After the checkpoint, which alone is the curator's state: a crash in between loses only the
+        # export of this round's weights by number (the checkpoint still holds them as the latest).
+        checkpoint.save_round_weights(
+            self.settings.state_dir,
+            round_number,
+            self.state.weights,
+            self.state.model_fingerprint,
+            keep=self.settings.rounds.keep_weights,
+        )
         self.metrics.round_completed(
             round_number, accuracy=record.accuracy, seconds=sum(outcome.phase_seconds.values())
         )

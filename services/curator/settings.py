@@ -68,6 +68,14 @@ class RoundSettings(BaseModel):
         default=3, ge=1, description="a round that aborts is retried with fresh keys this many times in all"
     )
     seed: int = Field(default=0, ge=0, description="seed of the initial global model")
+    keep_weights: int = Field(
+        default=5,
+        ge=0,
+        le=100_000,
+        description="also keep the global weights after each of the last this many rounds in "
+        "<state_dir>/rounds/, for `tessera model export --round N` (0: only the latest, in the checkpoint; "
+        "each file is 4 bytes per parameter)",
+    )
 
 
 class SecAggSettings(BaseModel):

@@ -55,6 +55,7 @@ from tessera.secagg.wire import WireLimits
 from tessera.storage import atomic_write_arrays
 from torch import nn
 
+from . import announced
 from .plan import training_mode
 from .replay import ReplayGuard
 from .settings import ParticipantSettings
@@ -232,6 +233,19 @@ class Participant:
             log.error("model_refused", reason=refusal)
             self._leave(protocol.LeaveReason.MODEL_REFUSED, refusal)
             return Exit.MODEL_REFUSED
+        # Kept for `tessera model export` at this organisation (the model it accepted, not a refused one).
+        announced.save(
+            self.settings.state_dir,
+            announced.AnnouncedModel(
+                federation=self.settings.federation,
+                organisation=self.settings.organisation,
+                round=header.round,
+                model=self.settings.model.model_dump(),
+                model_fingerprint=self.fingerprint,
+                num_classes=self.settings.num_classes,
+                weights=weights,
+            ),
+        )
         layout = header.layout.layout()
         digest = hashlib.sha256(payload).digest()
         self._announcement = header

@@ -22,3 +22,7 @@ def test_demo_in_process_trains_and_reports(tmp_path: Path, capsys) -> None:
     shown = capsys.readouterr().out
     assert "--in-process was given" in shown and f"round {demo.STEPS} |" in shown
     assert "Privacy mode: distributed DP-SGD" in shown
+    # The trained model is exported where the demo says, and is the curator's final model.
+    exported = json.loads((out / "model" / "model.json").read_text())
+    assert exported["round"] == demo.STEPS and exported["source"] == "curator"
+    assert f"trained model (round {demo.STEPS}): {out / 'model'}/model.safetensors" in shown
