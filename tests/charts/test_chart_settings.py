@@ -50,7 +50,6 @@ NOT_RENDERED = {
     "TESSERA_FAULTS__PAUSE_SECONDS": "fault injection, for resilience tests only",
     # New with `tessera model export`; the curator chart is being reworked on main, so its value
     # (rounds.keepWeights) comes with that change. Until then the service default (5) applies in the chart.
-    "TESSERA_ROUNDS__KEEP_WEIGHTS": "chart value pending (rounds.keepWeights); the service default applies",
 }
 # Values on top of the ci files that switch on the settings no ci file renders.
 EXTRA_VALUES = {
