@@ -34,7 +34,12 @@ from typing import Any
 import numpy as np
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
-BETTER = "see README, 'The two privacy modes'"
+# Measured (bench/README.md, "Privacy modes side by side"): on AI4I at epsilon 3, failure F1 0.53 distributed
+# against 0.32 local. This small, easy task shows little difference (both reach 0.93-0.97).
+BETTER = (
+    "on the predictive-maintenance benchmark at epsilon 3 it finds 45 % of the failures against 25 % for local "
+    "DP-SGD (README, 'The two privacy modes'); on this small task both modes reach 0.93-0.97 (measured, five runs each)"
+)
 SHARES = (0.5, 0.3, 0.2)
 FEDERATION = "demo"
 ROUNDS = 8  # local mode: rounds of 2 local epochs each
@@ -176,7 +181,7 @@ def configurations(
             "training_timeout": 120,
         },
         "secagg": {"phase_timeout": 30},
-        "server": {"lr": 2.0, "momentum": 0.5, "evaluate_every": EVALUATE_EVERY},
+        "server": {"lr": 2.0, "momentum": 0.5, "lr_decay": 0.97, "evaluate_every": EVALUATE_EVERY},
         "broker": {
             "url": broker_url,
             "username": "curator",
@@ -457,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.privacy == "distributed":
         noise = distributed_noise(features, train_sizes(files))
         say(
-            f"Privacy mode: distributed DP-SGD (the better model at epsilon 3: {BETTER}). {STEPS} steps, one secure "
+            f"Privacy mode: distributed DP-SGD, the mode that gives the better model at epsilon 3 ({BETTER}). "
+            f"{STEPS} steps, one secure "
             f"aggregation each; every hospital adds a share of noise of multiplier {noise:.3f} that only adds up "
             "under secure aggregation. (--privacy local: each hospital adds all of its own noise.)"
         )
