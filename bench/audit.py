@@ -844,8 +844,8 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         nargs="+",
         metavar="AUDIT_JSON",
-        help="run nothing: merge the results of earlier runs' audit.json files (later files win for the same "
-        "task and configuration) into one table, audit.json and audit.png in --out",
+        help="run nothing: merge the results of earlier runs' audit.json files, or of earlier merges, (later files "
+        "win for the same task and configuration) into one table, audit.json and audit.png in --out",
     )
     args = parser.parse_args(argv)
     if args.report:
@@ -892,6 +892,12 @@ def report(files: list[Path], out: Path) -> int:
     sources = []
     for file in files:
         document = json.loads(file.read_text())
+        # An earlier --report (docs/privacy-audit/audit.json): its results carry their own seed and preset.
+        if "merged_from" in document:
+            sources += document["merged_from"]
+            for r in document["results"]:
+                merged[(r["task"], r["config"])] = r
+            continue
         sources.append({"file": str(file), "seed": document["seed"], "quick": document["quick"]})
         for r in document["results"]:
             merged[(r["task"], r["config"])] = r | {"seed": document["seed"], "quick": document["quick"]}
