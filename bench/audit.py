@@ -267,10 +267,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "clip": 2.0,
         },
         # One DP-SGD step of the federation per round: q = 0.035 is a batch of about 256 windows per writer
-        # (the local preset's batch), 768 over the three; the curator's SGD takes lr and momentum.
+        # (the local preset's batch), 768 over the three; the curator's SGD takes lr and momentum. 200 steps
+        # (the local preset takes about 330 per writer): a round costs 3-4 s here (per-example GRU gradients).
         "distributed": {
-            "rounds": 300,
-            "quick_rounds": 120,
+            "rounds": 200,
+            "quick_rounds": 100,
             "sample_rate": 0.035,
             "lr": 0.5,
             "momentum": 0.9,
