@@ -228,3 +228,20 @@ def test_distributed_entry_runs_a_tiny_federation() -> None:
     # The accountant of the organisation with the largest q spent (almost) all of epsilon 3.
     assert 2.9 < kind.accounted(run, "org-1") <= 3.0
     assert all(0 < e <= 3.0 for e in run.epsilon.values())
+
+
+def test_distributed_per_example_gradients_work_through_the_char_gru() -> None:
+    # The distributed mode's torch.func per-example gradients (vmap over grad) through Opacus' DPGRU equal
+    # autograd's gradient of each window alone: the canary task can run in that mode.
+    from tessera.participant.distributed import per_example_gradients
+
+    model = _model(4)
+    x, y = audit.windows(audit.encode("the quick brown fox"), CONTEXT)
+    xs, ys = torch.from_numpy(x[:6]), torch.from_numpy(y[:6])
+    per = per_example_gradients(model, xs, ys)
+    assert per.shape == (6, sum(p.numel() for p in model.parameters()))
+    for i in (0, 5):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(xs[i : i + 1]), ys[i : i + 1], reduction="sum").backward()
+        expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        assert torch.allclose(per[i], expected, atol=1e-6)
