@@ -4,10 +4,12 @@ membership inference on the final global model, and an empirical lower bound on 
     python bench/audit.py                         # every task, no DP and local DP-SGD at epsilon 3 and 100
     python bench/audit.py --quick                 # the same, smaller and shorter (a few minutes in all)
     python bench/audit.py --tasks canary --privacy none,local --epsilons 3
+    python bench/audit.py --tasks ai4i,mnist --privacy distributed --epsilons 3,100
 
 Each configuration is one real federation (:func:`tessera.apps.local_federation.run_local_federation`: the
 curator and participants of the services, secure aggregation, FedAvg, Opacus DP-SGD with the persistent
-accountant). Only the final global model is attacked, as anyone who receives it could.
+accountant, or distributed DP-SGD with Skellam noise shares). Only the final global model is attacked, as
+anyone who receives it could.
 
 Tasks
 -----
@@ -28,20 +30,21 @@ Loss attack: score = -cross-entropy of the record under the final model.
 Privacy configurations
 ----------------------
 ``--privacy`` names entries of :data:`PRIVACY` (``none``: no DP; ``local``: each organisation's DP-SGD at
-every ``--epsilons`` value). Each entry is a :class:`PrivacyKind`: how the participants' ``privacy``
-settings are made for an ε, which training preset it uses, and ``epsilon_of``, where the ε accounted for the
-target organisation's records is read after the run (by default its persistent accountant file). A
-distributed-DP mode is one more entry, e.g.::
+every ``--epsilons`` value; ``distributed``: distributed DP-SGD under secure aggregation at every
+``--epsilons`` value). Each entry is a :class:`PrivacyKind`: how the participants' ``privacy`` settings are
+made for an ε, which training preset it uses, ``epsilon_of``, where the ε accounted for the target
+organisation's records is read after the run (by default its persistent accountant file, which both modes
+keep), and ``federation``, the roster parameters and curator ``server`` settings of the run (default: the
+update layout's per-coordinate clip).
 
-    "distributed": PrivacyKind(
-        private=True,
-        settings=lambda eps, p: {"enabled": True, "mode": "distributed", "target_epsilon": eps,
-                                 "delta": DELTA, **_training(p)},
-        preset="dp",
-        epsilon_of=participant_accountant,  # or a reader of wherever that mode records its ε
-    ),
-
-with the settings keys that mode actually takes; the tasks, attacks, bounds and report need no change.
+``distributed`` (docs/privacy-modes.md) sets the mode in the roster (64-bit ring, ``privacy.mode``
+distributed, clip norm, resolution 4096, no colluders) with a noise multiplier planned by the Skellam
+accountant (``tessera.skellam.plan_noise_multiplier``, as ``tessera privacy plan`` and ``bench/ai4i.py`` /
+``bench/mnist.py`` plan it) for the preset's ``rounds`` steps at the largest sampling rate of the
+organisations; every organisation samples at the preset's ``sample_rate`` (batch round(q n_i)); each round
+is one DP-SGD step of the federation, taken by the curator with the preset's lr and momentum. So its presets
+are hundreds of short rounds. The char-GRU trains in this mode too (``torch.func`` per-example gradients
+through Opacus' DPGRU, which is built of ordinary linear layers).
 
 Outputs: a table on stdout, ``audit.json`` and ``audit.png`` (exposure per insertion count; ROC curves) in
 ``--out``. Exit status 3, with a loud message, if an empirical lower bound exceeds the accounted ε (that is a
@@ -112,15 +115,29 @@ def participant_accountant(run: FederationRun, organisation: str) -> float:
     return run.epsilon[organisation]
 
 
+FederationArguments = Callable[[float | None, dict[str, Any], dict[str, Any]], dict[str, Any]]
+"""(ε, the task's preset, the task's federation arguments: ``organisations``, ``datasets``, ``model``, ...) ->
+the further arguments of :func:`_federation.run_federation_full` (``roster``, ``server``,
+``privacy_per_org``). It may add what it decided (a planned noise multiplier, the batch sizes) to the preset
+dict, which is recorded with the results."""
+
+
+def layout_roster(eps: float | None, preset: dict[str, Any], federation: dict[str, Any]) -> dict[str, Any]:
+    """Local mode and no DP: the roster's update layout clips every coordinate of the update to ±clip."""
+    return {"roster": {"layout": {"clip": preset["clip"]}}}
+
+
 @dataclass(frozen=True)
 class PrivacyKind:
     """One way of training: the participants' privacy settings for an ε (None without DP), the task preset
-    it trains with, and where the ε accounted for an organisation's records is read after the run."""
+    it trains with, where the ε accounted for an organisation's records is read after the run, and the roster
+    and curator arguments of the federation."""
 
     private: bool
     settings: Callable[[float | None, dict[str, Any]], dict[str, Any]]
     preset: str  # the key of a task's PRESETS entry
     epsilon_of: Callable[[FederationRun, str], float] = participant_accountant
+    federation: FederationArguments = layout_roster
 
     def accounted(self, run: FederationRun, organisation: str) -> float:
         """ε of ``organisation`` after the run (inf when not private)."""
@@ -132,6 +149,64 @@ def _training(preset: dict[str, Any]) -> dict[str, Any]:
     return {k: preset[k] for k in keys} | {"planned_rounds": preset["rounds"]}
 
 
+RESOLUTION = 4096.0
+"""The roster's default distributed-mode resolution (integer units per clipping norm)."""
+
+
+def _model_dimension(spec: dict[str, Any], allowed_imports: tuple[str, ...] = ()) -> int:
+    from tessera.models import ModelSpec, build_model
+
+    model = build_model(ModelSpec.model_validate(spec), allowed_imports=allowed_imports)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def distributed_federation(
+    eps: float | None, preset: dict[str, Any], federation: dict[str, Any]
+) -> dict[str, Any]:
+    """Distributed DP-SGD: one step of the federation per round. Every organisation samples at the preset's
+    ``sample_rate`` q (its expected batch is round(q n_i), as ``bench/mnist.py`` does); the roster's noise
+    multiplier is planned with the Skellam accountant (``tessera.skellam.plan_noise_multiplier``, what
+    ``tessera privacy plan`` computes) so that ``rounds`` steps at the largest resulting q_i stay within ε;
+    the curator's SGD step takes the preset's lr and momentum."""
+    from tessera.skellam import plan_noise_multiplier
+
+    if eps is None:
+        raise ValueError("the distributed mode needs an epsilon")
+    sizes = {o: len(train) for o, (train, _) in federation["datasets"].items()}
+    batches = {o: max(1, round(preset["sample_rate"] * n)) for o, n in sizes.items()}
+    q = max(batches[o] / n for o, n in sizes.items())
+    clip = preset["max_grad_norm"]
+    z = plan_noise_multiplier(
+        clip=clip,
+        scale=RESOLUTION / clip,
+        dimension=_model_dimension(federation["model"], federation.get("allowed_imports", ())),
+        sample_rate=q,
+        steps=preset["rounds"],
+        target_epsilon=eps,
+        delta=DELTA,
+    )
+    preset.update(noise_multiplier=round(z, 6), batch_sizes=batches, max_sample_rate=round(q, 6))
+    return {
+        "roster": {
+            "layout": {"ring_bits": 64},
+            "privacy": {
+                "mode": "distributed",
+                "noise_multiplier": z,
+                "clip_norm": clip,
+                "resolution": RESOLUTION,
+                "colluders": 0,
+            },
+        },
+        "server": {
+            "lr": preset["lr"],
+            "momentum": preset["momentum"],
+            "lr_decay": preset.get("lr_decay", 1.0),
+            "evaluate_every": preset["evaluate_every"],
+        },
+        "privacy_per_org": {o: {"batch_size": b} for o, b in batches.items()},
+    }
+
+
 PRIVACY: dict[str, PrivacyKind] = {
     "none": PrivacyKind(
         private=False, settings=lambda eps, p: {"enabled": False, **_training(p)}, preset="none"
@@ -140,6 +215,19 @@ PRIVACY: dict[str, PrivacyKind] = {
         private=True,
         settings=lambda eps, p: {"enabled": True, "target_epsilon": eps, "delta": DELTA, **_training(p)},
         preset="dp",
+    ),
+    # The mode is the roster's (distributed_federation); the participants' settings only carry the budget
+    # (ε, δ, the planned steps), their batch size (per organisation) and no local training options.
+    "distributed": PrivacyKind(
+        private=True,
+        settings=lambda eps, p: {
+            "enabled": True,
+            "target_epsilon": eps,
+            "delta": DELTA,
+            "planned_rounds": p["rounds"],
+        },
+        preset="distributed",
+        federation=distributed_federation,
     ),
 }
 
@@ -178,6 +266,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "max_grad_norm": 1.0,
             "clip": 2.0,
         },
+        # One DP-SGD step of the federation per round: q = 0.035 is a batch of about 256 windows per writer
+        # (the local preset's batch), 768 over the three; the curator's SGD takes lr and momentum. 200 steps
+        # (the local preset takes about 330 per writer): a round costs 3-4 s here (per-example GRU gradients).
+        "distributed": {
+            "rounds": 200,
+            "quick_rounds": 100,
+            "sample_rate": 0.035,
+            "lr": 0.5,
+            "momentum": 0.9,
+            "max_grad_norm": 1.0,
+            "evaluate_every": 20,
+        },
     },
     "ai4i": {
         # Wider and longer than bench/ai4i.py's non-DP preset (32, 32; 1 epoch): more capacity to memorise.
@@ -199,6 +299,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "momentum": 0.9,
             "max_grad_norm": 1.0,
             "clip": 2.0,
+            "hidden": [128],
+        },
+        # bench/ai4i.py's distributed preset (600 steps, q = 0.125: its batch 250 of 2,000 training records,
+        # curator lr 0.5, momentum 0.9, clip norm 1, MLP 11-128-2), q kept at 0.125 for the target's 1,250.
+        "distributed": {
+            "rounds": 600,
+            "quick_rounds": 200,
+            "sample_rate": 0.125,
+            "lr": 0.5,
+            "momentum": 0.9,
+            "max_grad_norm": 1.0,
+            "evaluate_every": 10,
             "hidden": [128],
         },
     },
@@ -223,6 +335,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "clip": 1.0,
             "hidden": 32,
         },
+        # bench/mnist.py's distributed preset (curator lr 2.0, momentum 0.9, clip norm 0.1, hidden 32) with
+        # fewer, larger steps for the audit's 4 x 1,500 images: q = 0.1 (expected batch 480 over the union)
+        # instead of 0.02 of 54,000, 300 steps instead of 1,500.
+        "distributed": {
+            "rounds": 300,
+            "quick_rounds": 100,
+            "sample_rate": 0.1,
+            "lr": 2.0,
+            "momentum": 0.9,
+            "max_grad_norm": 0.1,
+            "evaluate_every": 25,
+            "hidden": 32,
+        },
     },
 }
 SIZES = {
@@ -231,13 +356,15 @@ SIZES = {
     "quick": {"chars": 5_000, "images": 800, "per_count": 1, "references": 2, "context": 16, "hidden": 48},
 }
 QUICK_ROUNDS = {"canary": 8, "ai4i": 10, "mnist": 5}
+"""--quick's rounds, unless the preset names its own ``quick_rounds``."""
 INSERTIONS = (1, 4, 16)
 
 
 def preset(task: str, kind: PrivacyKind, quick: bool) -> dict[str, Any]:
     out = dict(PRESETS[task][kind.preset])
+    quick_rounds = out.pop("quick_rounds", QUICK_ROUNDS[task])
     if quick:
-        out["rounds"] = QUICK_ROUNDS[task]
+        out["rounds"] = quick_rounds
     return out
 
 
@@ -277,15 +404,17 @@ def _federate(
     task: str, config: Config, kind: PrivacyKind, settings: dict[str, Any], seed: int, **kwargs: Any
 ) -> FederationRun:
     privacy = kind.settings(config.epsilon, settings)
+    extra = kind.federation(config.epsilon, settings, kwargs)
     say(f"[{task} | {config.label}] settings {json.dumps(settings)}")
     return run_federation_full(
         federation=f"audit-{task}",
         rounds=settings["rounds"],
-        secagg={"clip": settings["clip"], "phase_timeout": 120},
+        secagg={"phase_timeout": 120},
         privacy=privacy,
         training_seed=seed,
         model_seed=seed,
         label=f"{task} {config.label}",
+        **extra,
         **kwargs,
     )
 
@@ -526,7 +655,11 @@ def run_ai4i(config: Config, kind: PrivacyKind, args: argparse.Namespace) -> dic
             }
         spec = {
             "name": "mlp",
-            "kwargs": {"input_dim": encoding.width, "hidden": settings["hidden"], "num_classes": 2},
+            "kwargs": {
+                "input_dim": len(encoding.output_names()),
+                "hidden": settings["hidden"],
+                "num_classes": 2,
+            },
         }
         run = _federate(
             "ai4i",
@@ -712,8 +845,8 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         nargs="+",
         metavar="AUDIT_JSON",
-        help="run nothing: merge the results of earlier runs' audit.json files (later files win for the same "
-        "task and configuration) into one table, audit.json and audit.png in --out",
+        help="run nothing: merge the results of earlier runs' audit.json files, or of earlier merges, (later files "
+        "win for the same task and configuration) into one table, audit.json and audit.png in --out",
     )
     args = parser.parse_args(argv)
     if args.report:
@@ -760,6 +893,12 @@ def report(files: list[Path], out: Path) -> int:
     sources = []
     for file in files:
         document = json.loads(file.read_text())
+        # An earlier --report (docs/privacy-audit/audit.json): its results carry their own seed and preset.
+        if "merged_from" in document:
+            sources += document["merged_from"]
+            for r in document["results"]:
+                merged[(r["task"], r["config"])] = r
+            continue
         sources.append({"file": str(file), "seed": document["seed"], "quick": document["quick"]})
         for r in document["results"]:
             merged[(r["task"], r["config"])] = r | {"seed": document["seed"], "quick": document["quick"]}

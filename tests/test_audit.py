@@ -17,7 +17,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import _audit as audit
+import audit as bench_audit
 from audit_models import char_gru
+from tessera.data import ArrayDataset, train_validation_split
 
 CONTEXT = 10
 TEMPLATE = "ddd"
@@ -148,3 +150,98 @@ def test_mia_bound_on_separable_and_identical_scores() -> None:
     assert separable.epsilon_lb == pytest.approx(3.9837, abs=1e-4)
     same = rng.normal(0, 1, 800)
     assert audit.mia_epsilon_lower_bound(same[:400], same[400:], delta=1e-5).epsilon_lb < 0.5
+
+
+# -- the distributed privacy configuration (bench/audit.py) ---------------------------------------------------
+
+
+def _toy_datasets(sizes: list[int]) -> dict[str, tuple[ArrayDataset, ArrayDataset]]:
+    rng = np.random.default_rng(7)
+    out = {}
+    for i, n in enumerate(sizes):
+        x = rng.normal(size=(n, 6)).astype(np.float32)
+        y = (x[:, 0] - x[:, 1] > 0).astype(np.int64)
+        out[f"org-{i + 1}"] = train_validation_split(ArrayDataset(x, y), 0.5 if i == 0 else 0.2, i)
+    return out
+
+
+TOY_MODEL = {"name": "mlp", "kwargs": {"input_dim": 6, "hidden": [8], "num_classes": 2}}
+
+
+def test_distributed_entry_builds_valid_roster_and_settings() -> None:
+    from tessera.curator.settings import ServerSettings
+    from tessera.participant.settings import PrivacySettings
+    from tessera.roster import FederationParameters
+    from tessera.skellam import epsilon as skellam_epsilon
+
+    kind = bench_audit.PRIVACY["distributed"]
+    assert kind.private and kind.preset == "distributed"
+    datasets = _toy_datasets([200, 300, 400])
+    for task in ("canary", "ai4i", "mnist"):
+        for quick in (False, True):
+            assert bench_audit.preset(task, kind, quick)["rounds"] >= 100  # one DP-SGD step per round
+    preset = bench_audit.preset("ai4i", kind, quick=True) | {"rounds": 20}
+    privacy = PrivacySettings.model_validate(kind.settings(3.0, preset))
+    assert privacy.enabled and privacy.target_epsilon == 3.0 and privacy.planned_rounds == 20
+    extra = kind.federation(3.0, preset, {"datasets": datasets, "model": TOY_MODEL})
+    parameters = FederationParameters.model_validate(extra["roster"])
+    assert parameters.privacy.mode.value == "distributed" and parameters.layout.ring_bits == 64
+    assert parameters.privacy.clip_norm == preset["max_grad_norm"]
+    server = ServerSettings.model_validate(extra["server"])
+    assert (server.lr, server.momentum) == (preset["lr"], preset["momentum"])
+    # Every organisation samples at q = sample_rate (its batch rounded), and the planned noise keeps the
+    # 20 steps at the largest q within epsilon 3, tightly.
+    n = {o: len(t) for o, (t, _) in datasets.items()}
+    batches = {o: s["batch_size"] for o, s in extra["privacy_per_org"].items()}
+    assert batches == {o: round(preset["sample_rate"] * n[o]) for o in n}
+    q = max(batches[o] / n[o] for o in n)
+    assert preset["max_sample_rate"] == pytest.approx(q, abs=1e-6)
+    mechanism = parameters.privacy.mechanism(8 * 6 + 8 + 8 * 2 + 2)
+    spent = skellam_epsilon([mechanism.entry(q, 20)], delta=bench_audit.DELTA)
+    assert 2.9 < spent <= 3.0
+    # Non-DP and local runs keep the per-coordinate layout clip in the roster.
+    assert bench_audit.PRIVACY["local"].federation(3.0, {"clip": 2.0}, {}) == {
+        "roster": {"layout": {"clip": 2.0}}
+    }
+
+
+def test_distributed_entry_runs_a_tiny_federation() -> None:
+    from _federation import run_federation_full
+
+    kind = bench_audit.PRIVACY["distributed"]
+    datasets = _toy_datasets([200, 300, 400])
+    preset = bench_audit.preset("ai4i", kind, quick=True) | {"rounds": 4, "evaluate_every": 2}
+    extra = kind.federation(3.0, preset, {"datasets": datasets, "model": TOY_MODEL})
+    run = run_federation_full(
+        federation="audit-test",
+        organisations=list(datasets),
+        datasets=datasets,
+        model=TOY_MODEL,
+        num_classes=2,
+        rounds=4,
+        secagg={"phase_timeout": 30},
+        privacy=kind.settings(3.0, preset),
+        data={o: {"path": "unused.csv"} for o in datasets},
+        **extra,
+    )
+    assert run.document["rounds_completed"] == 4
+    # The accountant of the organisation with the largest q spent (almost) all of epsilon 3.
+    assert 2.9 < kind.accounted(run, "org-1") <= 3.0
+    assert all(0 < e <= 3.0 for e in run.epsilon.values())
+
+
+def test_distributed_per_example_gradients_work_through_the_char_gru() -> None:
+    # The distributed mode's torch.func per-example gradients (vmap over grad) through Opacus' DPGRU equal
+    # autograd's gradient of each window alone: the canary task can run in that mode.
+    from tessera.participant.distributed import per_example_gradients
+
+    model = _model(4)
+    x, y = audit.windows(audit.encode("the quick brown fox"), CONTEXT)
+    xs, ys = torch.from_numpy(x[:6]), torch.from_numpy(y[:6])
+    per = per_example_gradients(model, xs, ys)
+    assert per.shape == (6, sum(p.numel() for p in model.parameters()))
+    for i in (0, 5):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(xs[i : i + 1]), ys[i : i + 1], reduction="sum").backward()
+        expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        assert torch.allclose(per[i], expected, atol=1e-6)
