@@ -283,18 +283,7 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
         public_keys[org] = shown.group(1)
 
     # --- the coordinator: the roster from the public keys only (`tessera roster build`) ------------------
-    coordinator = root / "coordinator"
-    coordinator.mkdir()
-    roster_file = coordinator / "roster.json"
-    built = subprocess.run(
-        [sys.executable, "-m", "tessera.apps.cli", "roster", "build", "--federation", federation,
-         *[a for org, key in public_keys.items() for a in ("--member", f"{org}={key}")],
-         "--curator-user", curator_user, "--clip", "1.0", "--out", str(roster_file)],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    pinned = re.search(r"roster fingerprint: ([0-9a-f]{64})", built.stdout)
-    assert pinned, built.stdout
-    fingerprint = pinned.group(1)
+    roster_file, fingerprint = local.build_roster(root / "coordinator", federation, public_keys, curator_user)
     org_sets = [x for i, org in enumerate(orgs.values()) for x in ("--set", f"organisations[{i}].id={org}")]
     cluster.add_secret("tessera", "initech-broker-password", {"amqp-password": generate_password()})
     broker_docs = local.helm_template(

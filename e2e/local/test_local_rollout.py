@@ -153,6 +153,24 @@ def provision(plan: Plan, passwords: dict[str, str]) -> None:
     RabbitmqctlBackend().apply(plan.vhost, grants, prune=True)
 
 
+def build_roster(
+    coordinator: Path, federation: str, public_keys: dict[str, str], curator_user: str
+) -> tuple[Path, str]:
+    """The coordinator's step: ``tessera roster build`` from the organisations' public keys only; the roster
+    file and the fingerprint it printed (what every company pins)."""
+    coordinator.mkdir()
+    roster_file = coordinator / "roster.json"
+    built = subprocess.run(
+        [sys.executable, "-m", "tessera.apps.cli", "roster", "build", "--federation", federation,
+         *[a for org, key in public_keys.items() for a in ("--member", f"{org}={key}")],
+         "--curator-user", curator_user, "--clip", "1.0", "--out", str(roster_file)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    fingerprint = re.search(r"roster fingerprint: ([0-9a-f]{64})", built.stdout)
+    assert fingerprint, built.stdout
+    return roster_file, fingerprint.group(1)
+
+
 # ---------------------------------------------------------------------------------------------- rollout
 @dataclass
 class Rollout:
@@ -239,17 +257,7 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
         public_keys[org] = shown.group(1)
 
     # --- the coordinator: the roster from public keys only, the broker release, provisioning -------------
-    coordinator = root / "coordinator"
-    coordinator.mkdir()
-    roster_file = coordinator / "roster.json"
-    built = subprocess.run(
-        [sys.executable, "-m", "tessera.apps.cli", "roster", "build", "--federation", federation,
-         *[a for org, key in public_keys.items() for a in ("--member", f"{org}={key}")],
-         "--curator-user", curator_user, "--clip", "1.0", "--out", str(roster_file)],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    fingerprint = re.search(r"roster fingerprint: ([0-9a-f]{64})", built.stdout)
-    assert fingerprint, built.stdout
+    roster_file, fingerprint = build_roster(root / "coordinator", federation, public_keys, curator_user)
     org_sets = [x for i, org in enumerate(orgs.values()) for x in ("--set", f"organisations[{i}].id={org}")]
     cluster.add_secret("tessera", "initech-broker-password", {"amqp-password": generate_password()})
     broker_docs = helm_template(
@@ -303,7 +311,7 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
         docs = helm_template(
             helm, "tessera", "tessera-participant", company, "-f", str(VALUES / "company.yaml"),
             "--set", f"federation.id={federation}", "--set", f"organisation.id={org}",
-            "--set-file", f"roster.content={roster_file}", "--set", f"roster.fingerprint={fingerprint.group(1)}",
+            "--set-file", f"roster.content={roster_file}", "--set", f"roster.fingerprint={fingerprint}",
             "--set-file", f"data.encoding.content={encoding}", "--set", f"health.port={free_port()}", *data_args,
         )  # fmt: skip
         cluster.apply(docs)
