@@ -2,8 +2,10 @@
 # The container end-to-end run (e2e/containers/test_container_rollout.py): builds the images, then runs the
 # rendered charts as docker containers (broker, curator, three companies in their own networks).
 #
-#   e2e/containers/run.sh                 # start dockerd if needed (root), build, test, stop what it started
+#   e2e/containers/run.sh                 # install docker.io/debootstrap and start dockerd if needed (root),
+#                                         # build, test, stop what it started
 #   TESSERA_KEEP_ENGINE=1 e2e/containers/run.sh    # leave a dockerd this script started running
+#   e2e/containers/run.sh --stop-engine            # stop such a kept dockerd and restore the network rules
 #   TESSERA_SKIP_BUILD=1 e2e/containers/run.sh     # images tessera-{curator,participant}:<version> exist
 #
 # Extra arguments go to pytest. Exits 2, running nothing, when no engine can be had (and says why).
@@ -14,6 +16,18 @@ cd "$(dirname "$0")/../.."
 
 missing() { echo "e2e/containers: $1" >&2; exit 2; }
 [[ -x .venv/bin/python ]] || missing "no virtualenv: run \`make venv\` first"
+
+# The one-time engine setup, done here where it can be (root with apt-get): Debian's docker.io (dockerd, the
+# CLI) and debootstrap (the base image of scripts/make-base-image.sh, since no image can be pulled here).
+if { ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; } && ! docker info >/dev/null 2>&1 \
+  && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+  echo "e2e/containers: installing Debian's docker.io and debootstrap with apt-get (one-time engine setup)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null 2>&1 || {
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null 2>&1 \
+      || echo "e2e/containers: apt-get could not install docker.io/debootstrap" >&2
+  }
+fi
 command -v docker >/dev/null || missing "no docker CLI (Debian: apt-get install docker.io), so no container e2e"
 
 state=".tools/e2e-engine"
@@ -36,10 +50,17 @@ stop_engine() {
     for chain in INPUT FORWARD OUTPUT; do "$tool" -P "$chain" ACCEPT 2>/dev/null || true; done
     "$tool-restore" <"$state/$tool.before" 2>/dev/null || true
   done
+  # iptables-nft leaves the (now empty) nf_tables tables it created: delete those that were not there before.
+  if command -v nft >/dev/null && [[ -e "$state/nft.before" ]]; then
+    nft list tables 2>/dev/null | while read -r _ family name; do
+      grep -qx "table $family $name" "$state/nft.before" || nft delete table "$family" "$name" 2>/dev/null || true
+    done
+  fi
   if [[ ! -e "$state/docker0.existed" ]]; then ip link delete docker0 2>/dev/null || true; fi
   rm -f "$state/dockerd.pid"
   echo "e2e/containers: stopped the dockerd it started and removed its network rules"
 }
+if [[ "${1:-}" == "--stop-engine" ]]; then stop_engine; exit 0; fi
 
 if ! docker info >/dev/null 2>&1; then
   [[ "$(id -u)" == 0 ]] && command -v dockerd >/dev/null \
@@ -47,6 +68,7 @@ if ! docker info >/dev/null 2>&1; then
   mkdir -p "$state"
   iptables-save >"$state/iptables.before" 2>/dev/null || true
   ip6tables-save >"$state/ip6tables.before" 2>/dev/null || true
+  if command -v nft >/dev/null; then nft list tables >"$state/nft.before" 2>/dev/null || true; fi
   rm -f "$state/docker0.existed"; ip link show docker0 >/dev/null 2>&1 && : >"$state/docker0.existed"
   echo "e2e/containers: starting dockerd (log: $state/dockerd.log)"
   dockerd --pidfile "$state/dockerd.pid" >"$state/dockerd.log" 2>&1 &
@@ -59,5 +81,7 @@ if [[ -z "${TESSERA_SKIP_BUILD:-}" ]]; then bash scripts/build-images.sh; fi
 if [[ ! -x .tools/bin/helm ]] && ! command -v helm >/dev/null; then bash scripts/install-helm.sh; fi
 
 started=$SECONDS
-TESSERA_E2E_CONTAINERS=1 .venv/bin/python -m pytest e2e/containers -v -rs -s -p no:cacheprovider "$@"
+# The image tests too: with an engine and the images here, a skip would hide a failure.
+TESSERA_IMAGE_TESTS=require TESSERA_E2E_CONTAINERS=1 .venv/bin/python -m pytest tests/images e2e/containers \
+  -v -rs -s -p no:cacheprovider "$@"
 echo "e2e/containers: $((SECONDS - started)) s"

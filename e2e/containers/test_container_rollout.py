@@ -14,8 +14,9 @@ the Jobs' too, runs as a docker container of the built images, with the rendered
   NetworkPolicy allows); the curator has its own. From inside acme's container, with acme's own mounted
   credentials, the test checks that the broker refuses globex's inbox and that globex's and the curator's
   containers cannot be reached.
-- acme's container is killed (SIGKILL) once a round has completed and started again on its volume (its ε
-  goes on from the accountant there), then the curator's, which resumes from its checkpoint; the
+- The curator holds 30 s before rounds 2 and 3 (testing-only `TESSERA_FAULTS__*`, added to its container by
+  the test). acme's container is killed (SIGKILL) in the first hold and started again on its volume (its ε
+  goes on from the accountant there), then the curator's in the second, which resumes from its checkpoint; the
   federation completes and the rendered probes and /metrics answer (called inside the containers).
 
 Runs only with TESSERA_E2E_CONTAINERS=1 (`make e2e-containers`, which builds the images first), since it
@@ -52,6 +53,7 @@ BROKER_IMAGE = "tessera-e2e-broker:bookworm"
 COMPANIES = ("acme", "globex", "initech")
 DOCKER = os.environ.get("DOCKER", "docker")
 TIMEOUT_S = 600
+PAUSE_S = 30  # the curator's hold before rounds 2 and 3: time for the test to kill a container there
 
 pytestmark = pytest.mark.integration
 
@@ -102,6 +104,7 @@ class Pod:
     name: str  # container name
     network: str
     logs: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)  # the test's own, on top of the rendered env
 
     @property
     def main(self) -> dict[str, Any]:
@@ -130,7 +133,10 @@ class Pod:
             source = self.local.volumes[mount["name"]] / mount.get("subPath", "")
             mode = "ro" if mount.get("readOnly") else "rw"
             args += ["-v", f"{source}:{mount['mountPath']}:{mode}"]
-        for key, value in self.local.rendered_env(container).items():
+        env = self.local.rendered_env(container)
+        if container == self.main:
+            env |= self.extra_env
+        for key, value in env.items():
             args += ["-e", f"{key}={value}"]
         argv = [*container.get("command", []), *container.get("args", [])]
         image = container["image"]
@@ -197,6 +203,7 @@ class Rollout:
     probes: dict[str, dict[str, int]] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=dict)
     isolation: dict[str, str] = field(default_factory=dict)
+    curator_log: str = ""
     epsilon_before_kill: float = 0.0
     acme_killed_after: int = 0
     curator_killed_after: int = 0
@@ -356,7 +363,18 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
         company_docs[company] = docs
 
     curator_local = cluster.pod(local.one(curator_docs, "Deployment"), ("unused", 0))
-    state.pods["curator"] = Pod(curator_local, f"tessera-e2e-{tag}-curator", state.networks[0])
+    # The curator holds PAUSE_S before rounds 2 and 3 (testing-only fault injection, set here, never rendered
+    # by the chart): the kills below land between two rounds however fast the rounds are (the first clean-clone
+    # run finished all four rounds before the curator was killed).
+    state.pods["curator"] = Pod(
+        curator_local,
+        f"tessera-e2e-{tag}-curator",
+        state.networks[0],
+        extra_env={
+            "TESSERA_FAULTS__PAUSE_BEFORE_ROUND": "2,3",
+            "TESSERA_FAULTS__PAUSE_SECONDS": str(PAUSE_S),
+        },
+    )
     for i, (company, docs) in enumerate(company_docs.items(), start=1):
         pod_local = cluster.pod(local.one(docs, "Deployment"), ("unused", 0))
         state.pods[company] = Pod(pod_local, f"tessera-e2e-{tag}-{company}", state.networks[i])
@@ -411,7 +429,7 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
         "stderr": out.stderr[-500:]
     }
 
-    # --- kill acme after round 1, the curator after round 2; both come back on their volumes ------------
+    # --- kill acme after round 1, the curator after round 2 (each in a pause); both come back on their volumes
     wait_for(lambda: curator_report(state).get("rounds_completed", 0) >= 1, "round 1", state)
     state.epsilon_before_kill = accountant_epsilon(acme)
     docker("kill", acme.name)  # SIGKILL, no grace period
@@ -429,6 +447,7 @@ def rollout(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
         state.probes[name] = {p: pod.probe(p) for p in ("startupProbe", "livenessProbe", "readinessProbe")}
         state.metrics[name] = pod.http_get("metrics", "/metrics")[1]
     state.report = curator_report(state)
+    state.curator_log = curator.logs_text()
     print(f"container rollout: {json.dumps(state.timings)}")
     yield state
 
@@ -438,7 +457,10 @@ def test_federation_completes_across_kills(rollout: Rollout) -> None:
     assert report["status"] == "finished", rollout.tails()
     # No target accuracy: all four rounds run, so both kills fell in the middle of the training.
     assert report["stop_reason"] == "round limit 4 reached" and report["rounds_completed"] == 4
-    assert 1 <= rollout.acme_killed_after < rollout.curator_killed_after < 4
+    # Each kill fell in the curator's hold before the next round (before round 2, then before round 3, which
+    # the restarted curator holds again): three holds in its log, across both of its runs.
+    assert (rollout.acme_killed_after, rollout.curator_killed_after) == (1, 2)
+    assert rollout.curator_log.count("fault_injection_pause") == 3, rollout.curator_log[-3000:]
     assert report["restarts"] == 1  # the curator resumed from its checkpoint, not from scratch
     later = [r for r in report["history"] if r["round"] > rollout.acme_killed_after + 1]
     assert any(rollout.orgs["acme"] in r["participants"] for r in later), report["history"]

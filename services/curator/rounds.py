@@ -192,9 +192,10 @@ class Curator:
         return True
 
     def _maybe_pause(self, round_number: int) -> None:
-        """Fault injection for resilience tests (TESSERA_FAULTS__PAUSE_BEFORE_ROUND); never set in production."""
+        """Fault injection for resilience tests (TESSERA_FAULTS__PAUSE_BEFORE_ROUND: "2" or "2,3"); never
+        set in production."""
         faults = self.settings.faults
-        if faults.pause_before_round == round_number:
+        if round_number in faults.pause_rounds:
             log.warning("fault_injection_pause", seconds=faults.pause_seconds)
             deadline = self.clock() + faults.pause_seconds
             while self.clock() < deadline:

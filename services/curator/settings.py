@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tessera.models import ModelSpec
 from tessera.secagg.config import ID_PATTERN
@@ -137,9 +137,31 @@ class CuratorFaultInjection(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    pause_before_round: int | None = Field(
-        default=None, ge=1, description="TESTING ONLY: sleep before announcing this round (first attempt)"
+    # A string, not a list: one environment variable, "2" or "2,3" (an int is accepted from code).
+    pause_before_round: str = Field(
+        default="",
+        description="TESTING ONLY: sleep before announcing these rounds (comma-separated), once each",
     )
+
+    @field_validator("pause_before_round", mode="before")
+    @classmethod
+    def _rounds_as_text(cls, value: object) -> object:
+        if value is None:
+            return ""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("pause_before_round")
+    @classmethod
+    def _check_rounds(cls, value: str) -> str:
+        for part in value.split(","):
+            if part.strip() and not (part.strip().isdigit() and int(part) >= 1):
+                raise ValueError(f"not a round number (1, 2, ...): {part.strip()!r}")
+        return value
+
+    @property
+    def pause_rounds(self) -> frozenset[int]:
+        return frozenset(int(part) for part in self.pause_before_round.split(",") if part.strip())
+
     pause_seconds: float = Field(default=5.0, gt=0, description="TESTING ONLY: how long to sleep")
 
 

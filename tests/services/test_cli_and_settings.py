@@ -248,3 +248,27 @@ def test_queue_type_and_addresses_are_broker_settings(
     monkeypatch.setenv("TESSERA_BROKER__ADDRESSES", "node-2")
     with pytest.raises(ConfigurationError, match="TESSERA_BROKER__ADDRESSES"):
         load_curator_settings()
+
+
+@pytest.mark.parametrize(
+    ("value", "rounds"),
+    [("2", {2}), ("2, 3", {2, 3}), ("", set()), ("0", None), ("two", None), ("2,-1", None)],
+)
+def test_the_curator_pause_takes_one_round_or_a_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, rounds: set[int] | None
+) -> None:
+    for key in [k for k in os.environ if k.startswith("TESSERA_")]:
+        monkeypatch.delenv(key)
+    for key, setting in {
+        "TESSERA_FEDERATION": "acme",
+        "TESSERA_ROSTER_FILE": str(tmp_path / "roster.json"),
+        "TESSERA_MODEL__NAME": "mlp",
+        "TESSERA_NUM_CLASSES": "2",
+        "TESSERA_FAULTS__PAUSE_BEFORE_ROUND": value,
+    }.items():
+        monkeypatch.setenv(key, setting)
+    if rounds is None:
+        with pytest.raises(ConfigurationError, match="TESSERA_FAULTS__PAUSE_BEFORE_ROUND"):
+            load_curator_settings()
+    else:
+        assert load_curator_settings().faults.pause_rounds == rounds
