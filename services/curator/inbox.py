@@ -14,6 +14,7 @@ import structlog
 from tessera.bus import CuratorBus, Received
 from tessera.envelope import Admitted, Refused, Sealed, admit
 from tessera.observability import CuratorMetricsSink
+from tessera.transport.errors import PublishFailed
 
 from .attendance import Attendance
 
@@ -84,10 +85,19 @@ class CuratorInbox:
         out once (the broker copies it to each inbox, without telling anyone the others)."""
         if not organisations:
             return
-        if len(organisations) == 1:
-            self._bus.send(organisations[0], sealed.body, message_type=sealed.message_type)
-        else:
-            self._bus.send_many(organisations, sealed.body, message_type=sealed.message_type)
+        try:
+            if len(organisations) == 1:
+                self._bus.send(organisations[0], sealed.body, message_type=sealed.message_type)
+            else:
+                self._bus.send_many(organisations, sealed.body, message_type=sealed.message_type)
+        except PublishFailed as exc:
+            if not exc.undelivered:
+                raise  # the broker did not confirm at all: the curator stops and resumes from its checkpoint
+            # Some inbox is gone (deleted behind the curator's back): those organisations cannot answer,
+            # which the protocol already handles as dropping out; the others have their copy.
+            log.warning("message_undelivered", type=sealed.message_type, organisations=list(exc.undelivered))
+            self._attendance.mark_unresponsive(exc.undelivered, why="its inbox does not exist")
+            organisations = [o for o in organisations if o not in exc.undelivered]
         self._metrics.bytes_sent(len(sealed.body) * len(organisations))
 
     def broadcast(self, sealed: Sealed, *, audience: int) -> None:

@@ -1,10 +1,12 @@
-"""How the curator hands secure-aggregation messages to the bus: one send per message, not per recipient."""
+"""How the curator hands secure-aggregation messages to the bus: one send per message, not per recipient, and
+what an undelivered one means."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import pytest
 from tessera import protocol
 from tessera.bus import LocalExchange
 from tessera.curator.rounds import Curator
@@ -99,3 +101,50 @@ def test_one_bus_call_per_message_and_bytes_counted_per_recipient(tmp_path: Path
         "c": ["SurvivorList"],
     }
     assert metrics.sent == sizes  # bytes delivered, counted once per recipient
+
+
+class LosingBus(RecordingBus):
+    """A broker bus whose inbox of ``gone`` was deleted: send_many delivers to the others and says so."""
+
+    def __init__(self, exchange: LocalExchange, gone: tuple[str, ...]) -> None:
+        super().__init__(exchange)
+        self.gone = gone
+
+    def send_many(self, organisations: Any, body: bytes, *, message_type: str) -> str:
+        from tessera.transport.errors import PublishFailed
+
+        self.calls.append(("send_many", tuple(organisations)))
+        if not self.gone:
+            raise PublishFailed("no confirm within 30 s")
+        for organisation in organisations:
+            if organisation not in self.gone:
+                self.inner.send(organisation, body, message_type=message_type)
+        raise PublishFailed("not delivered", undelivered=self.gone)
+
+
+def test_an_undelivered_recipient_drops_out_and_an_unconfirmed_send_raises(tmp_path: Path):
+    from tessera.transport.errors import PublishFailed
+
+    create_demo_federation("local", ORGS, tmp_path / "fed")
+    roster = RosterFile.load(tmp_path / "fed" / "roster.json")
+    settings = CuratorSettings(
+        federation="local",
+        roster_file=tmp_path / "fed" / "roster.json",
+        state_dir=tmp_path / "curator",
+        model=ModelSpec(name="mlp", kwargs={"input_dim": 4, "hidden": [4], "num_classes": 2}),
+        num_classes=2,
+        health={"enabled": False},
+    )
+    exchange = LocalExchange(roster.organisations, curator=roster.curator_user)
+    bus, metrics = LosingBus(exchange, gone=("c",)), Metrics()
+    curator = Curator(settings, roster, bus, metrics=metrics)
+    ids = SessionIds(federation="local", round=1, aggregation="r1a0-00000000")
+    everyone = tuple(sorted(roster.index_of(o) for o in ORGS))
+    curator.aggregation._send([Outgoing(everyone, SurvivorList(ids=ids, survivors=everyone))])
+    assert curator.attendance.unresponsive == {"c"}  # it cannot answer: a dropout, not a crash
+    delivered = [o for o in ORGS if exchange.participant_endpoint(o).receive(timeout=0) is not None]
+    assert delivered == ["a", "b"]
+    assert metrics.sent > 0 and metrics.sent % 2 == 0  # counted for the two who have it
+    bus.gone = ()
+    with pytest.raises(PublishFailed, match="no confirm"):
+        curator.aggregation._send([Outgoing(everyone, SurvivorList(ids=ids, survivors=everyone))])
