@@ -202,3 +202,16 @@ def test_send_many_names_every_recipient_when_no_inbox_exists_also_for_chunked_m
     delivery = a.receive(timeout=10)
     assert delivery is not None and delivery.body == payload and delivery.chunks == 4
     a.ack(delivery)
+
+
+def test_send_to_one_organisation_whose_inbox_is_missing_names_it(fed3):
+    curator = fed3.curator()
+    _delete_inbox(fed3, fed3.b)
+    with pytest.raises(PublishFailed, match=f"'{fed3.b}'") as caught:
+        curator.send(fed3.b, b"lost", message_type="t")
+    assert caught.value.undelivered == (fed3.b,) and caught.value.unroutable
+    a = fed3.participant(fed3.a)
+    curator.send(fed3.a, b"after", message_type="t")  # the endpoint keeps working
+    delivery = a.receive(timeout=5)
+    assert delivery is not None and delivery.body == b"after"
+    a.ack(delivery)

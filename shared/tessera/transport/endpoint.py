@@ -79,16 +79,28 @@ class CuratorTransport(_Endpoint):
         headers: Mapping[str, Any] | None = None,
         message_id: str | None = None,
     ) -> str:
-        """Publish to one organisation's inbox and wait for the confirm; returns the message id."""
+        """Publish to one organisation's inbox and wait for the confirm; returns the message id.
+
+        A returned message means that inbox is gone (the curator declares every inbox on each connection,
+        binding it with ``to.X``): :class:`PublishFailed` with ``undelivered`` naming the organisation."""
         if organisation not in self._roster:
             raise LocalUsageError(f"{organisation!r} is not in this federation's roster")
-        return self._publish(
-            topo.to_organisation_key(organisation),
-            body,
-            message_type=message_type,
-            headers=headers,
-            message_id=message_id,
-        )
+        try:
+            return self._publish(
+                topo.to_organisation_key(organisation),
+                body,
+                message_type=message_type,
+                headers=headers,
+                message_id=message_id,
+            )
+        except PublishFailed as exc:
+            if not exc.unroutable:
+                raise
+            raise PublishFailed(
+                f"unroutable: not delivered to {organisation!r}, whose inbox does not exist",
+                undelivered=(organisation,),
+                unroutable=True,
+            ) from exc
 
     def send_many(
         self,

@@ -38,12 +38,13 @@ class PublishRefused(TransportError):
 
 class PublishFailed(TransportError):
     """A publish was not confirmed (unroutable, nacked, or timed out). ``undelivered`` names the
-    organisations known not to have received it (a multi-recipient publish whose inbox of theirs is
-    missing); the other recipients did receive it."""
+    organisations known not to have received it (their inbox is missing); the other recipients did receive
+    it. ``unroutable``: the broker returned the message, no queue being bound for its routing key."""
 
-    def __init__(self, reason: str, *, undelivered: tuple[str, ...] = ()) -> None:
+    def __init__(self, reason: str, *, undelivered: tuple[str, ...] = (), unroutable: bool = False) -> None:
         self.reason = reason
         self.undelivered = undelivered
+        self.unroutable = unroutable
         super().__init__(reason)
 
 

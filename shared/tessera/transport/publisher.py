@@ -197,10 +197,14 @@ class _Publisher(_Link):
                 if request.recipients:  # a multi-recipient publish that reached none of them
                     missing = tuple(request.recipients.values())
                     bound.warning("publish_failed", reason="unroutable", undelivered=list(missing))
-                    raise PublishFailed(_undelivered_reason(missing), undelivered=missing) from error
+                    raise PublishFailed(
+                        _undelivered_reason(missing), undelivered=missing, unroutable=True
+                    ) from error
                 bound.warning("publish_failed", reason="unroutable")
                 keys = repr(routing_key) + (f" or its {BCC_HEADER} keys" if BCC_HEADER in extra else "")
-                raise PublishFailed(f"unroutable: no queue is bound for routing key {keys}") from error
+                raise PublishFailed(
+                    f"unroutable: no queue is bound for routing key {keys}", unroutable=True
+                ) from error
             if isinstance(error, pika.exceptions.NackError):
                 nacks += 1
                 if nacks >= self._settings.publish_attempts:
