@@ -220,11 +220,8 @@ def test_the_learning_rate_decays_per_round_and_the_decay_is_validated() -> None
             PrivacySettings(lr_decay=bad)
 
 
-def test_queue_type_and_addresses_are_broker_settings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from tessera.transport.topology import QueueType
-
+def _minimal_curator_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the curator's required variables, none inherited from the environment running the tests."""
     for key in [k for k in os.environ if k.startswith("TESSERA_")]:
         monkeypatch.delenv(key)
     for key, value in {
@@ -234,6 +231,14 @@ def test_queue_type_and_addresses_are_broker_settings(
         "TESSERA_NUM_CLASSES": "2",
     }.items():
         monkeypatch.setenv(key, value)
+
+
+def test_queue_type_and_addresses_are_broker_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tessera.transport.topology import QueueType
+
+    _minimal_curator_env(tmp_path, monkeypatch)
     transport = load_curator_settings().broker.transport()
     assert transport.queue_type is QueueType.AUTO and transport.connection.addresses == ()
     monkeypatch.setenv("TESSERA_BROKER__QUEUE_TYPE", "quorum")
@@ -257,16 +262,8 @@ def test_queue_type_and_addresses_are_broker_settings(
 def test_the_curator_pause_takes_one_round_or_a_list(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, rounds: set[int] | None
 ) -> None:
-    for key in [k for k in os.environ if k.startswith("TESSERA_")]:
-        monkeypatch.delenv(key)
-    for key, setting in {
-        "TESSERA_FEDERATION": "acme",
-        "TESSERA_ROSTER_FILE": str(tmp_path / "roster.json"),
-        "TESSERA_MODEL__NAME": "mlp",
-        "TESSERA_NUM_CLASSES": "2",
-        "TESSERA_FAULTS__PAUSE_BEFORE_ROUND": value,
-    }.items():
-        monkeypatch.setenv(key, setting)
+    _minimal_curator_env(tmp_path, monkeypatch)
+    monkeypatch.setenv("TESSERA_FAULTS__PAUSE_BEFORE_ROUND", value)
     if rounds is None:
         with pytest.raises(ConfigurationError, match="TESSERA_FAULTS__PAUSE_BEFORE_ROUND"):
             load_curator_settings()

@@ -59,7 +59,8 @@ class Metrics(CuratorMetricsSink):
         self.sent += count
 
 
-def test_one_bus_call_per_message_and_bytes_counted_per_recipient(tmp_path: Path):
+def _federation(tmp_path: Path) -> tuple[RosterFile, CuratorSettings, LocalExchange]:
+    """A three-organisation demo roster, the curator's settings for it and an in-process exchange."""
     create_demo_federation("local", ORGS, tmp_path / "fed")
     roster = RosterFile.load(tmp_path / "fed" / "roster.json")
     settings = CuratorSettings(
@@ -70,7 +71,11 @@ def test_one_bus_call_per_message_and_bytes_counted_per_recipient(tmp_path: Path
         num_classes=2,
         health={"enabled": False},
     )
-    exchange = LocalExchange(roster.organisations, curator=roster.curator_user)
+    return roster, settings, LocalExchange(roster.organisations, curator=roster.curator_user)
+
+
+def test_one_bus_call_per_message_and_bytes_counted_per_recipient(tmp_path: Path):
+    roster, settings, exchange = _federation(tmp_path)
     bus, metrics = RecordingBus(exchange), Metrics()
     curator = Curator(settings, roster, bus, metrics=metrics)
     ids = SessionIds(federation="local", round=1, aggregation="r1a0-00000000")
@@ -125,17 +130,7 @@ class LosingBus(RecordingBus):
 def test_an_undelivered_recipient_drops_out_and_an_unconfirmed_send_raises(tmp_path: Path):
     from tessera.transport.errors import PublishFailed
 
-    create_demo_federation("local", ORGS, tmp_path / "fed")
-    roster = RosterFile.load(tmp_path / "fed" / "roster.json")
-    settings = CuratorSettings(
-        federation="local",
-        roster_file=tmp_path / "fed" / "roster.json",
-        state_dir=tmp_path / "curator",
-        model=ModelSpec(name="mlp", kwargs={"input_dim": 4, "hidden": [4], "num_classes": 2}),
-        num_classes=2,
-        health={"enabled": False},
-    )
-    exchange = LocalExchange(roster.organisations, curator=roster.curator_user)
+    roster, settings, exchange = _federation(tmp_path)
     bus, metrics = LosingBus(exchange, gone=("c",)), Metrics()
     curator = Curator(settings, roster, bus, metrics=metrics)
     ids = SessionIds(federation="local", round=1, aggregation="r1a0-00000000")
