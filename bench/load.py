@@ -7,7 +7,8 @@ What runs: the harness of ``bench/rounds.py`` (synthetic updates, no training; t
 :class:`~tessera.secagg.curator.CuratorSession` in this process and one real
 :class:`~tessera.secagg.participant.ParticipantSession` per participant **process**, each with its own
 :class:`~tessera.transport.ParticipantTransport` connection, every message in the wire format inside
-``protocol.SecAgg`` framing, one confirmed publish per message and ``send_many`` for several recipients),
+``protocol.SecAgg`` framing, one confirmed publish per message, a step's messages together in one
+``send_each``),
 with what load needs on top:
 
 - **Its own broker.** By default a private RabbitMQ node on free ports (``tests/integration/private_broker.py``;
@@ -365,6 +366,7 @@ class Load:
 
     def attempt(self, r: int, attempt: int, layout: Any, awaited: set[str]) -> dict[str, Any]:
         from tessera import protocol
+        from tessera.bus import Envelope
         from tessera.errors import ProtocolError
         from tessera.models import ModelSpec
         from tessera.secagg.config import AggregationConfig, Graph, SessionIds, default_threshold
@@ -422,15 +424,20 @@ class Load:
         )
 
         def send(outgoing: list[Any]) -> None:
-            for item in outgoing:
-                body = protocol.encode(
-                    protocol.SecAgg(federation=self.federation), encode_secagg(item.message)
+            # As the curator service does: all of one step's messages in one send_each (their confirms
+            # overlap), one publish per message (several recipients: to.selected with BCC).
+            envelopes = [
+                Envelope(
+                    tuple(self.roster.organisation_of(i) for i in item.recipients),
+                    protocol.encode(protocol.SecAgg(federation=self.federation), encode_secagg(item.message)),
+                    "secagg",
+                    fan_out=len(item.recipients) > 1,
                 )
-                recipients = [self.roster.organisation_of(i) for i in item.recipients]
-                if len(recipients) == 1:
-                    self.transport.send(recipients[0], body, message_type="secagg")
-                elif recipients:
-                    self.transport.send_many(recipients, body, message_type="secagg")
+                for item in outgoing
+                if item.recipients
+            ]
+            if envelopes:
+                self.transport.send_each(envelopes)
 
         phase = session.phase.value
         late = 0

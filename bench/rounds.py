@@ -17,7 +17,7 @@ harness, on the same broker topology, with the same round message:
   one :class:`~tessera.secagg.participant.ParticipantSession` per participant, every message in the secagg
   wire format inside :class:`tessera.protocol.SecAgg` framing, one confirmed publish per message (a message
   for several participants goes out once, routing key ``to.selected`` with their keys in the ``BCC``
-  header); each participant masks its input right after sending its shares
+  header), all of one protocol step's messages in one ``send_each`` so that their confirms overlap; each participant masks its input right after sending its shares
   (:meth:`~tessera.secagg.participant.ParticipantSession.prepare_masked_input`, as the service does) unless
   ``--mask-ahead off``; then the curator decodes the average from the ring sum.
 
@@ -465,6 +465,7 @@ class Harness:
 
     def secure_round(self, round_number: int) -> CuratorClock:
         from tessera import protocol
+        from tessera.bus import Envelope
         from tessera.secagg.config import AggregationConfig, Graph, SessionIds, default_threshold
         from tessera.secagg.curator import CuratorSession, PhaseTimeouts
         from tessera.secagg.wire import WireLimits
@@ -507,21 +508,24 @@ class Harness:
         clock.handling_s += time.perf_counter() - t0
 
         def send(outgoing: list[Any]) -> None:
-            for item in outgoing:
-                t0 = time.perf_counter()
-                body = protocol.encode(
-                    protocol.SecAgg(federation=self.federation), encode_secagg(item.message)
+            t0 = time.perf_counter()
+            envelopes = [
+                Envelope(
+                    tuple(self.roster.organisation_of(index) for index in item.recipients),
+                    protocol.encode(protocol.SecAgg(federation=self.federation), encode_secagg(item.message)),
+                    "secagg",
+                    fan_out=len(item.recipients) > 1,
                 )
-                t1 = time.perf_counter()
-                clock.handling_s += t1 - t0
-                # One confirmed publish per message, as tessera.curator.rounds does: to one organisation
-                # with its own key, to several with the BCC header (the broker copies it to each inbox).
-                recipients = [self.roster.organisation_of(index) for index in item.recipients]
-                if len(recipients) == 1:
-                    self.transport.send(recipients[0], body, message_type="secagg")
-                elif recipients:
-                    self.transport.send_many(recipients, body, message_type="secagg")
-                clock.publishing_s += time.perf_counter() - t1
+                for item in outgoing
+                if item.recipients
+            ]
+            t1 = time.perf_counter()
+            clock.handling_s += t1 - t0
+            # As tessera.curator.rounds does: all of one step's messages in one send_each (their confirms
+            # overlap), one publish per message (to several organisations with the BCC header).
+            if envelopes:
+                self.transport.send_each(envelopes)
+            clock.publishing_s += time.perf_counter() - t1
 
         phase = session.phase.value
         send(session.start(time.monotonic()))

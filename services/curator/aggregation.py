@@ -124,9 +124,16 @@ class AggregationDriver:
         return out
 
     def _send(self, outgoing: list[Outgoing]) -> None:
-        for item in outgoing:
-            recipients = [self._roster.organisation_of(index) for index in item.recipients]
-            self._inbox.send(recipients, seal_secagg(self._federation, item.message))
+        # All of one step's messages at once (the share phase forwards a different one to each holder).
+        self._inbox.send_all(
+            [
+                (
+                    [self._roster.organisation_of(index) for index in item.recipients],
+                    seal_secagg(self._federation, item.message),
+                )
+                for item in outgoing
+            ]
+        )
 
     def _record_phases(self, outcome: AggregationOutcome, session: CuratorSession, started: float) -> float:
         """Record the phases that closed since ``started``; returns when this happened."""

@@ -11,10 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
-from tessera.bus import CuratorBus, Received
+from tessera.bus import CuratorBus, Envelope, Received
 from tessera.envelope import Admitted, Refused, Sealed, admit
 from tessera.observability import CuratorMetricsSink
-from tessera.transport.errors import PublishFailed
 
 from .attendance import Attendance
 
@@ -81,24 +80,34 @@ class CuratorInbox:
         self._bus.ack(arrival.delivery)
 
     def send(self, organisations: Sequence[str], sealed: Sealed) -> None:
-        """One publish per message, however many recipients: the same body to several organisations goes
-        out once (the broker copies it to each inbox, without telling anyone the others)."""
-        if not organisations:
+        """One message, as :meth:`send_all` sends each."""
+        self.send_all([(organisations, sealed)])
+
+    def send_all(self, messages: Sequence[tuple[Sequence[str], Sealed]]) -> None:
+        """Send every message at once (the broker's confirms overlap) and wait for all. One publish per
+        message, however many recipients: the same body to several organisations goes out once (the broker
+        copies it to each inbox, without telling anyone the others)."""
+        envelopes = [
+            Envelope(tuple(organisations), sealed.body, sealed.message_type, fan_out=len(organisations) > 1)
+            for organisations, sealed in messages
+            if organisations
+        ]
+        if not envelopes:
             return
-        try:
-            if len(organisations) == 1:
-                self._bus.send(organisations[0], sealed.body, message_type=sealed.message_type)
-            else:
-                self._bus.send_many(organisations, sealed.body, message_type=sealed.message_type)
-        except PublishFailed as exc:
-            if not exc.undelivered:
-                raise  # the broker did not confirm at all: the curator stops and resumes from its checkpoint
-            # Some inbox is gone (deleted behind the curator's back): those organisations cannot answer,
-            # which the protocol already handles as dropping out; the others have their copy.
-            log.warning("message_undelivered", type=sealed.message_type, organisations=list(exc.undelivered))
-            self._attendance.mark_unresponsive(exc.undelivered, why="its inbox does not exist")
-            organisations = [o for o in organisations if o not in exc.undelivered]
-        self._metrics.bytes_sent(len(sealed.body) * len(organisations))
+        # A failure other than a missing inbox (no confirm at all) is raised: the curator stops and resumes
+        # from its checkpoint.
+        report = self._bus.send_each(envelopes)
+        for envelope, sent in zip(envelopes, report, strict=True):
+            reached = list(envelope.organisations)
+            if sent.undelivered:
+                # Some inbox is gone (deleted behind the curator's back): those organisations cannot answer,
+                # which the protocol already handles as dropping out; the others have their copy.
+                log.warning(
+                    "message_undelivered", type=envelope.message_type, organisations=list(sent.undelivered)
+                )
+                self._attendance.mark_unresponsive(sent.undelivered, why="its inbox does not exist")
+                reached = [o for o in reached if o not in sent.undelivered]
+            self._metrics.bytes_sent(len(envelope.body) * len(reached))
 
     def broadcast(self, sealed: Sealed, *, audience: int) -> None:
         """To every organisation's inbox; ``audience`` (how many read it) only counts the bytes."""

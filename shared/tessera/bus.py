@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +35,29 @@ class Received(Protocol):
     def redelivered(self) -> bool: ...
 
 
+@dataclass(frozen=True)
+class Envelope:
+    """One message for :meth:`CuratorBus.send_each`: ``body`` to each of ``organisations``."""
+
+    organisations: tuple[str, ...] | list[str]
+    body: bytes
+    message_type: str
+    headers: Mapping[str, Any] | None = None
+    message_id: str | None = None
+    fan_out: bool = False
+    """Send as :meth:`CuratorBus.send_many` does even to one organisation (routing key
+    ``to.selected``), so that a recipient cannot tell whether others received the same message."""
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What became of one :class:`Envelope`: its message id, and the organisations it did not reach
+    because their inbox does not exist (empty when all received it)."""
+
+    message_id: str
+    undelivered: tuple[str, ...] = ()
+
+
 class CuratorBus(Protocol):
     def send(self, organisation: str, body: bytes, *, message_type: str) -> str: ...
 
@@ -42,6 +65,12 @@ class CuratorBus(Protocol):
         """Deliver ``body`` once to each of ``organisations`` (duplicates count once; every one must be in
         the roster and there must be at least one, else :class:`LocalUsageError` and nothing is sent);
         returns the message id, the same for every recipient. No recipient learns who else received it."""
+        ...
+
+    def send_each(self, envelopes: Sequence[Envelope]) -> list[Sent]:
+        """Send several messages at once (their delivery overlaps) and wait until all are delivered. Every
+        envelope is checked before anything is sent; returns one :class:`Sent` per envelope, naming the
+        organisations it could not reach (their inbox is gone); any other failure is raised."""
         ...
 
     def broadcast(self, body: bytes, *, message_type: str) -> str: ...
@@ -131,24 +160,42 @@ class LocalCuratorEndpoint(_LocalEndpoint):
     def __init__(self, exchange: LocalExchange) -> None:
         super().__init__(exchange, exchange.curator)
 
+    def _recipients(self, organisations: Iterable[str]) -> list[str]:
+        if isinstance(organisations, str | bytes):
+            raise LocalUsageError("organisations must be a collection of organisation ids, not one string")
+        recipients = list(dict.fromkeys(organisations))
+        if not recipients:
+            raise LocalUsageError("a message needs at least one organisation")
+        unknown = [o for o in recipients if o not in self._exchange.organisations]
+        if unknown:
+            raise LocalUsageError(f"{unknown!r} are not in this federation's roster")
+        return recipients
+
     def send(self, organisation: str, body: bytes, *, message_type: str) -> str:
         if organisation not in self._exchange.organisations:
             raise LocalUsageError(f"{organisation!r} is not in this federation's roster")
         return self._exchange._post(self._name, organisation, body, message_type)
 
     def send_many(self, organisations: Iterable[str], body: bytes, *, message_type: str) -> str:
-        if isinstance(organisations, str | bytes):
-            raise LocalUsageError("organisations must be a collection of organisation ids, not one string")
-        recipients = list(dict.fromkeys(organisations))
-        if not recipients:
-            raise LocalUsageError("send_many needs at least one organisation")
-        unknown = [o for o in recipients if o not in self._exchange.organisations]
-        if unknown:
-            raise LocalUsageError(f"{unknown!r} are not in this federation's roster")
+        recipients = self._recipients(organisations)
         message_id = self._exchange._new_id()
         for organisation in recipients:
             self._exchange._post(self._name, organisation, body, message_type, message_id)
         return message_id
+
+    def send_each(self, envelopes: Sequence[Envelope]) -> list[Sent]:
+        for envelope in envelopes:  # all checked first: nothing is sent if one is wrong
+            self._recipients(envelope.organisations)
+        out = []
+        for envelope in envelopes:
+            recipients = self._recipients(envelope.organisations)
+            message_id = envelope.message_id or self._exchange._new_id()
+            for organisation in recipients:
+                self._exchange._post(
+                    self._name, organisation, envelope.body, envelope.message_type, message_id
+                )
+            out.append(Sent(message_id))
+        return out
 
     def broadcast(self, body: bytes, *, message_type: str) -> str:
         ids = [
@@ -164,10 +211,12 @@ class LocalParticipantEndpoint(_LocalEndpoint):
 
 __all__ = [
     "CuratorBus",
+    "Envelope",
     "LocalCuratorEndpoint",
     "LocalDelivery",
     "LocalExchange",
     "LocalParticipantEndpoint",
     "ParticipantBus",
     "Received",
+    "Sent",
 ]

@@ -1,5 +1,5 @@
-"""How the curator hands secure-aggregation messages to the bus: one send per message, not per recipient, and
-what an undelivered one means."""
+"""How the curator hands secure-aggregation messages to the bus: one envelope per message, not per recipient,
+all of a step's messages in one call, and what an undelivered one means."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from tessera import protocol
-from tessera.bus import LocalExchange
+from tessera.bus import LocalExchange, Sent
 from tessera.curator.rounds import Curator
 from tessera.curator.settings import CuratorSettings
 from tessera.models import ModelSpec
@@ -36,6 +36,10 @@ class RecordingBus:
     def send_many(self, organisations: Any, body: bytes, *, message_type: str) -> str:
         self.calls.append(("send_many", tuple(organisations)))
         return self.inner.send_many(organisations, body, message_type=message_type)
+
+    def send_each(self, envelopes: Any) -> list[Sent]:
+        self.calls.append(("send_each", [tuple(e.organisations) for e in envelopes]))
+        return self.inner.send_each(envelopes)
 
     def broadcast(self, body: bytes, *, message_type: str) -> str:
         self.calls.append(("broadcast", None))
@@ -88,10 +92,8 @@ def test_one_bus_call_per_message_and_bytes_counted_per_recipient(tmp_path: Path
             Outgoing((), Abort(ids=ids, reason="nobody")),
         ]
     )
-    assert bus.calls == [
-        ("send_many", tuple(roster.organisation_of(i) for i in everyone)),
-        ("send", "b"),
-    ]
+    # One bus call for the whole step (its publishes overlap), one envelope per message, none for nobody.
+    assert bus.calls == [("send_each", [tuple(roster.organisation_of(i) for i in everyone), ("b",)])]
     received: dict[str, list[Any]] = {}
     sizes = 0
     for organisation in ORGS:
@@ -109,22 +111,24 @@ def test_one_bus_call_per_message_and_bytes_counted_per_recipient(tmp_path: Path
 
 
 class LosingBus(RecordingBus):
-    """A broker bus whose inbox of ``gone`` was deleted: send_many delivers to the others and says so."""
+    """A broker bus whose inbox of ``gone`` was deleted: it delivers to the others and says so."""
 
     def __init__(self, exchange: LocalExchange, gone: tuple[str, ...]) -> None:
         super().__init__(exchange)
         self.gone = gone
 
-    def send_many(self, organisations: Any, body: bytes, *, message_type: str) -> str:
+    def send_each(self, envelopes: Any) -> list[Sent]:
         from tessera.transport.errors import PublishFailed
 
-        self.calls.append(("send_many", tuple(organisations)))
         if not self.gone:
             raise PublishFailed("no confirm within 30 s")
-        for organisation in organisations:
-            if organisation not in self.gone:
-                self.inner.send(organisation, body, message_type=message_type)
-        raise PublishFailed("not delivered", undelivered=self.gone)
+        out = []
+        for envelope in envelopes:
+            for organisation in envelope.organisations:
+                if organisation not in self.gone:
+                    self.inner.send(organisation, envelope.body, message_type=envelope.message_type)
+            out.append(Sent("m", tuple(o for o in envelope.organisations if o in self.gone)))
+        return out
 
 
 def test_an_undelivered_recipient_drops_out_and_an_unconfirmed_send_raises(tmp_path: Path):

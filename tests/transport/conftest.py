@@ -103,6 +103,14 @@ class Federation:
         settings = ConnectionSettings(url=SecretStr(self.url(user)))
         return pika.BlockingConnection(connection_parameters(settings, virtual_host=self.vhost))
 
+    def delete_inbox(self, organisation: str) -> None:
+        """What an operator (or a lost queue) does behind the running curator's back: the inbox is gone."""
+        connection = self.raw(self.curator_user)
+        try:
+            connection.channel().queue_delete(topo.participant_inbox(organisation))
+        finally:
+            connection.close()
+
     def rabbitmqctl(self, *args: str) -> str:
         done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, check=True)
         return done.stdout

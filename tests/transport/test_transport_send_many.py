@@ -154,21 +154,12 @@ def test_cc_and_bcc_headers_do_not_let_an_organisation_reach_another(fed):
         check.close()
 
 
-def _delete_inbox(fed, organisation: str) -> None:
-    """What an operator (or a lost queue) does behind the running curator's back: the inbox is gone."""
-    connection = fed.raw(fed.curator_user)
-    try:
-        connection.channel().queue_delete(topo.participant_inbox(organisation))
-    finally:
-        connection.close()
-
-
 def test_send_many_fails_naming_a_recipient_whose_inbox_is_missing_and_still_reaches_the_others(fed3):
     """``mandatory`` on a BCC publish is satisfied by any one routed copy, so a deleted inbox used to miss
     the message while ``send_many`` reported success. Now the others receive it and the call raises."""
     curator = fed3.curator()
     a, c = fed3.participant(fed3.a), fed3.participant(fed3.c)
-    _delete_inbox(fed3, fed3.b)
+    fed3.delete_inbox(fed3.b)
     with pytest.raises(PublishFailed, match=f"'{fed3.b}'") as caught:
         curator.send_many([fed3.a, fed3.b, fed3.c], b"partly", message_type="t")
     assert caught.value.undelivered == (fed3.b,)
@@ -190,8 +181,8 @@ def test_send_many_fails_naming_a_recipient_whose_inbox_is_missing_and_still_rea
 def test_send_many_names_every_recipient_when_no_inbox_exists_also_for_chunked_messages(fed3):
     curator = fed3.curator(chunk_size=64 * 1024)
     a = fed3.participant(fed3.a)
-    _delete_inbox(fed3, fed3.b)
-    _delete_inbox(fed3, fed3.c)
+    fed3.delete_inbox(fed3.b)
+    fed3.delete_inbox(fed3.c)
     with pytest.raises(PublishFailed) as caught:  # nothing routed at all: the broker returns it
         curator.send_many([fed3.c, fed3.b], b"nobody", message_type="t")
     assert set(caught.value.undelivered) == {fed3.b, fed3.c}
@@ -206,7 +197,7 @@ def test_send_many_names_every_recipient_when_no_inbox_exists_also_for_chunked_m
 
 def test_send_to_one_organisation_whose_inbox_is_missing_names_it(fed3):
     curator = fed3.curator()
-    _delete_inbox(fed3, fed3.b)
+    fed3.delete_inbox(fed3.b)
     with pytest.raises(PublishFailed, match=f"'{fed3.b}'") as caught:
         curator.send(fed3.b, b"lost", message_type="t")
     assert caught.value.undelivered == (fed3.b,) and caught.value.unroutable

@@ -13,7 +13,14 @@ from tessera.transport.connection import (
     TlsSettings,
     connection_parameters,
 )
-from tessera.transport.endpoint import CuratorTransport, Delivery, ParticipantTransport, TransportSettings
+from tessera.transport.endpoint import (
+    CuratorTransport,
+    Delivery,
+    Envelope,
+    ParticipantTransport,
+    Sent,
+    TransportSettings,
+)
 from tessera.transport.errors import (
     ProvisioningError,
     PublishFailed,
@@ -29,12 +36,14 @@ __all__ = [
     "ConnectionSettings",
     "CuratorTransport",
     "Delivery",
+    "Envelope",
     "ParticipantTransport",
     "ProvisioningError",
     "PublishFailed",
     "PublishRefused",
     "ReassemblyLimits",
     "ReconnectPolicy",
+    "Sent",
     "TlsSettings",
     "TransportClosed",
     "TransportError",

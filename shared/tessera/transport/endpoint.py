@@ -22,17 +22,18 @@ tied to training time"), and would put that burden on every caller. The applicat
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pika.adapters.blocking_connection import BlockingChannel
 
-from tessera.errors import ConfigurationError, LocalUsageError
+from tessera.bus import Envelope, Sent
+from tessera.errors import ConfigurationError, LocalUsageError, TransportError
 from tessera.transport import topology as topo
 from tessera.transport.consumer import Delivery, _Consumer
 from tessera.transport.errors import PublishFailed
 from tessera.transport.link import TransportSettings
-from tessera.transport.publisher import BCC_HEADER, _bcc_batches, _Publisher, _undelivered_reason
+from tessera.transport.publisher import BCC_HEADER, _bcc_batches, _Outbound, _Publisher, _undelivered_reason
 
 
 class _Endpoint(_Publisher, _Consumer):
@@ -83,24 +84,16 @@ class CuratorTransport(_Endpoint):
 
         A returned message means that inbox is gone (the curator declares every inbox on each connection,
         binding it with ``to.X``): :class:`PublishFailed` with ``undelivered`` naming the organisation."""
-        if organisation not in self._roster:
-            raise LocalUsageError(f"{organisation!r} is not in this federation's roster")
-        try:
-            return self._publish(
-                topo.to_organisation_key(organisation),
-                body,
-                message_type=message_type,
-                headers=headers,
-                message_id=message_id,
-            )
-        except PublishFailed as exc:
-            if not exc.unroutable:
-                raise
+        (sent,) = self.send_each(
+            [Envelope((organisation,), body, message_type, headers=headers, message_id=message_id)]
+        )
+        if sent.undelivered:
             raise PublishFailed(
                 f"unroutable: not delivered to {organisation!r}, whose inbox does not exist",
-                undelivered=(organisation,),
+                undelivered=sent.undelivered,
                 unroutable=True,
-            ) from exc
+            )
+        return sent.message_id
 
     def send_many(
         self,
@@ -120,34 +113,86 @@ class CuratorTransport(_Endpoint):
         ``undelivered`` naming the organisations whose inbox is missing (the others received it)."""
         if isinstance(organisations, str | bytes):
             raise LocalUsageError("organisations must be a collection of organisation ids, not one string")
-        recipients = list(dict.fromkeys(organisations))
+        recipients = tuple(dict.fromkeys(organisations))
         if not recipients:
             raise LocalUsageError("send_many needs at least one organisation")
-        unknown = [o for o in recipients if o not in self._roster]
-        if unknown:
-            raise LocalUsageError(f"{unknown!r} are not in this federation's roster")
-        message_id = message_id or uuid.uuid4().hex
-        by_key = {topo.to_organisation_key(o): o for o in recipients}
-        undelivered: list[str] = []
-        for batch in _bcc_batches(list(by_key)):
-            try:
-                self._publish(
-                    topo.SELECTED_KEY,
-                    body,
-                    message_type=message_type,
-                    headers=headers,
-                    message_id=message_id,
-                    broker_headers={BCC_HEADER: batch},
-                    recipients={topo.participant_inbox(by_key[k]): by_key[k] for k in batch},
+        (sent,) = self.send_each(
+            [Envelope(recipients, body, message_type, headers=headers, message_id=message_id, fan_out=True)]
+        )
+        if sent.undelivered:
+            raise PublishFailed(_undelivered_reason(sent.undelivered), undelivered=sent.undelivered)
+        return sent.message_id
+
+    def send_each(self, envelopes: Sequence[Envelope]) -> list[Sent]:
+        """Publish several messages at once and wait until the broker has confirmed them all: their
+        confirms overlap (:mod:`tessera.transport.confirms`), so ten messages cost about one round trip, not
+        ten. An envelope for one organisation is published as :meth:`send` does, one for several as
+        :meth:`send_many` does.
+
+        Every envelope is checked before anything is published (:class:`LocalUsageError`: an organisation
+        not in the roster, none at all, a bad body or header). Returns one :class:`Sent` per envelope, in
+        order, naming the organisations whose inbox was missing (the others have their copy). Any other
+        failure (:class:`PublishFailed`, :class:`PublishRefused`) is raised once every envelope has been
+        tried, the first one's; the envelopes that succeeded stay published."""
+        prepared: list[tuple[str, list[int], str | None]] = []
+        outbounds: list[_Outbound] = []
+        for envelope in envelopes:
+            if isinstance(envelope.organisations, str | bytes):
+                raise LocalUsageError("an envelope's organisations must be a collection of organisation ids")
+            recipients = list(dict.fromkeys(envelope.organisations))
+            if not recipients:
+                raise LocalUsageError("an envelope needs at least one organisation")
+            unknown = [o for o in recipients if o not in self._roster]
+            if unknown:
+                raise LocalUsageError(f"{unknown!r} are not in this federation's roster")
+            message_id = envelope.message_id or uuid.uuid4().hex
+            parts: list[int] = []
+            single = recipients[0] if len(recipients) == 1 and not envelope.fan_out else None
+            if single is not None:
+                parts.append(len(outbounds))
+                outbounds.append(
+                    self._outbound(
+                        topo.to_organisation_key(recipients[0]),
+                        envelope.body,
+                        message_type=envelope.message_type,
+                        headers=envelope.headers,
+                        message_id=message_id,
+                    )
                 )
-            except PublishFailed as exc:
-                if not exc.undelivered:
-                    raise
-                undelivered += exc.undelivered  # the later batches' recipients still get theirs
-        if undelivered:
-            missing = tuple(undelivered)
-            raise PublishFailed(_undelivered_reason(missing), undelivered=missing)
-        return message_id
+            else:
+                by_key = {topo.to_organisation_key(o): o for o in recipients}
+                for batch in _bcc_batches(list(by_key)):
+                    parts.append(len(outbounds))
+                    outbounds.append(
+                        self._outbound(
+                            topo.SELECTED_KEY,
+                            envelope.body,
+                            message_type=envelope.message_type,
+                            headers=envelope.headers,
+                            message_id=message_id,
+                            broker_headers={BCC_HEADER: batch},
+                            recipients={topo.participant_inbox(by_key[k]): by_key[k] for k in batch},
+                        )
+                    )
+            prepared.append((message_id, parts, single))
+        results = self._publish_all(outbounds)
+        report: list[Sent] = []
+        failure: TransportError | None = None
+        for message_id, parts, single in prepared:
+            undelivered: list[str] = []
+            for part in parts:
+                result = results[part]
+                if isinstance(result, PublishFailed) and result.undelivered:
+                    undelivered += result.undelivered  # a later batch's recipients still get theirs
+                elif isinstance(result, PublishFailed) and result.unroutable and single:
+                    # Returned: the curator binds every inbox with its to.X key, so that inbox is gone.
+                    undelivered.append(single)
+                elif isinstance(result, TransportError):
+                    failure = failure or result
+            report.append(Sent(message_id, tuple(undelivered)))
+        if failure is not None:
+            raise failure
+        return report
 
     def broadcast(
         self,
@@ -236,4 +281,12 @@ class ParticipantTransport(_Endpoint):
         return None
 
 
-__all__ = ["BCC_HEADER", "CuratorTransport", "Delivery", "ParticipantTransport", "TransportSettings"]
+__all__ = [
+    "BCC_HEADER",
+    "CuratorTransport",
+    "Delivery",
+    "Envelope",
+    "ParticipantTransport",
+    "Sent",
+    "TransportSettings",
+]

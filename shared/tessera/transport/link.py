@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tessera.errors import ConfigurationError, LocalUsageError
 from tessera.transport import topology as topo
 from tessera.transport.chunking import Reassembler, ReassemblyLimits
+from tessera.transport.confirms import ConfirmTracker
 from tessera.transport.connection import (
     BROKER_MAX_MESSAGE_BYTES,
     MIB,
@@ -61,6 +62,7 @@ from tessera.transport.errors import (
     TransportClosed,
     TransportUnavailable,
 )
+from tessera.transport.inbox_probe import InboxProbe
 
 if TYPE_CHECKING:  # the parts built on _Link; only their types are named here
     from tessera.transport.consumer import Delivery
@@ -192,7 +194,8 @@ class _Link:
         # Owned by the I/O thread only.
         self._consume_ch: BlockingChannel | None = None
         self._publish_ch: BlockingChannel | None = None
-        self._probe_ch: BlockingChannel | None = None  # passive declares, which close it on a 404
+        self._confirms: ConfirmTracker | None = None  # the publishing channel's confirms
+        self._probe: InboxProbe | None = None  # passive declares of inboxes, several at once
         self._reassembler: Reassembler[int] = Reassembler(settings.reassembly, time.monotonic)
         self._app_extra = 0
         self._qos = 0
@@ -368,7 +371,8 @@ class _Link:
         consume = conn.channel()
         self._prepare(consume)
         publish = conn.channel()
-        publish.confirm_delivery()
+        self._confirms = ConfirmTracker(publish)
+        self._probe = InboxProbe(conn)
         self._qos = self._settings.prefetch
         self._unsettled.clear()
         self._consumer_tag = None
@@ -402,7 +406,11 @@ class _Link:
         with self._lock:
             self._conn = None
             self._connected.clear()
-        self._consume_ch = self._publish_ch = self._probe_ch = None
+        self._consume_ch = self._publish_ch = None
+        self._probe = None
+        if self._confirms is not None:
+            self._confirms.fail_all(_ConnectionLost("connection closed"))
+            self._confirms = None
         self._consumer_tag = None
         self._unsettled.clear()
         self._reassembler.clear()

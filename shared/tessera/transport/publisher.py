@@ -7,7 +7,9 @@ refuses any other value, so the receiver learns the sender from the broker, not 
 type, a message id and application headers, and is ``mandatory`` on a confirm channel: an unroutable or
 nacked publish is an error (:class:`PublishFailed`), a refused one too (:class:`PublishRefused`). Payloads
 larger than ``chunk_size`` are split (``tessera.transport.chunking``); the receiver reassembles them under
-limits and the application only ever sees whole messages.
+limits and the application only ever sees whole messages. Confirms are tracked per channel
+(:mod:`tessera.transport.confirms`), so the messages of one ``_publish_all`` (``send_each``) are in flight
+together and cost about one broker round trip, not one each.
 
 One body for several organisations (:meth:`CuratorTransport.send_many`) is one publish and one confirm, not
 one per recipient: routing key ``to.selected`` (``topology.SELECTED_KEY``, bound to no queue) and a ``BCC``
@@ -18,8 +20,8 @@ one of them" (the broker returns a message, not a copy per queue), so after the 
 each recipient's inbox with a passive declare: a missing one (deleted behind the curator's back, since the
 curator declares every inbox on each connection) missed the message, and the call raises
 :class:`PublishFailed` naming those organisations (``undelivered``) while the others keep their copy. This
-costs one small round trip per recipient, not one publish of the body per recipient. It sees a deleted
-queue, not a deleted binding (AMQP cannot list bindings; only the curator and operators can unbind).
+costs small round trips, made several at once (:mod:`tessera.transport.inbox_probe`), not one publish of the
+body per recipient. It sees a deleted queue, not a deleted binding (AMQP cannot list bindings; only the curator and operators can unbind).
 ``CC`` and ``BCC`` are routing instructions to the broker, so applications may not set them as headers.
 """
 
@@ -29,7 +31,7 @@ import functools
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +39,7 @@ import pika
 import pika.exceptions
 import structlog
 
-from tessera.errors import LocalUsageError
+from tessera.errors import LocalUsageError, TransportError
 from tessera.transport.chunking import (
     HEADER_CHUNK,
     HEADER_CHUNKS,
@@ -45,7 +47,9 @@ from tessera.transport.chunking import (
     MAX_MESSAGE_ID_LENGTH,
     split,
 )
-from tessera.transport.errors import NOT_FOUND, PublishFailed, PublishRefused
+from tessera.transport.confirms import ConfirmTracker, Flight
+from tessera.transport.errors import PublishFailed, PublishRefused
+from tessera.transport.inbox_probe import ProbeResult
 from tessera.transport.link import _ConnectionLost, _describe, _Link
 
 log = structlog.get_logger("tessera.transport")
@@ -57,18 +61,26 @@ _ROUTING_HEADERS = frozenset({"cc", "bcc"})  # RabbitMQ routes on "CC" and "BCC"
 _MAX_BCC_BYTES = 32 * 1024  # per publish: the content header (with BCC) must fit in one frame (128 KiB)
 
 
-@dataclass(eq=False)
-class _PublishRequest:
-    exchange: str
+@dataclass(frozen=True, eq=False)
+class _Outbound:
+    """A validated message, ready to be published (its chunks already split)."""
+
     routing_key: str
+    size: int
     chunks: list[bytes]
     message_type: str
     message_id: str
     headers: dict[str, Any]
     broker_headers: dict[str, Any]
-    generation: int
-    recipients: dict[str, str] = field(default_factory=dict)
+    recipients: dict[str, str]
     """Inbox queue → organisation of a multi-recipient publish, checked after the confirm."""
+
+
+@dataclass(eq=False)
+class _PublishRequest:
+    exchange: str
+    outbound: _Outbound
+    generation: int
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     cancelled: bool = False
@@ -117,6 +129,32 @@ class _Publisher(_Link):
         application's ``headers``, which may not use their names. ``recipients`` (inbox → organisation)
         are the inboxes a multi-recipient publish must reach: :class:`PublishFailed` with ``undelivered``
         if some do not exist."""
+        outbound = self._outbound(
+            routing_key,
+            body,
+            message_type=message_type,
+            headers=headers,
+            message_id=message_id,
+            broker_headers=broker_headers,
+            recipients=recipients,
+        )
+        (result,) = self._publish_all([outbound])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _outbound(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_type: str,
+        headers: Mapping[str, Any] | None,
+        message_id: str | None,
+        broker_headers: Mapping[str, Any] | None = None,
+        recipients: Mapping[str, str] | None = None,
+    ) -> _Outbound:
+        """Check one message (:class:`LocalUsageError` if it cannot be sent) and split it into chunks."""
         self._check_open()
         if not isinstance(body, bytes | bytearray | memoryview):
             raise LocalUsageError("the body must be bytes")
@@ -128,7 +166,6 @@ class _Publisher(_Link):
             raise LocalUsageError(f"headers starting with {RESERVED_HEADER_PREFIX!r} are reserved")
         if any(str(k).lower() in _ROUTING_HEADERS for k in app_headers):
             raise LocalUsageError("the headers CC and BCC are reserved (the broker routes on them)")
-        extra = dict(broker_headers or {})
         limits = self._settings.reassembly
         if len(body) > limits.max_message_bytes:
             raise LocalUsageError(f"payload of {len(body)} bytes exceeds max_message_bytes")
@@ -138,17 +175,34 @@ class _Publisher(_Link):
         message_id = message_id or uuid.uuid4().hex
         if len(message_id) > MAX_MESSAGE_ID_LENGTH:
             raise LocalUsageError("message_id is too long")
+        return _Outbound(
+            routing_key,
+            len(body),
+            chunks,
+            message_type,
+            message_id,
+            app_headers,
+            dict(broker_headers or {}),
+            dict(recipients or {}),
+        )
 
-        bound = self._log.bind(routing_key=routing_key, message_id=message_id, message_type=message_type)
-        if BCC_HEADER in extra:
-            bound = bound.bind(recipients=len(extra[BCC_HEADER]))
+    def _publish_all(self, outbounds: Sequence[_Outbound]) -> list[str | TransportError]:
+        """Publish every message at once and wait for all their confirms (they overlap: see
+        :mod:`tessera.transport.confirms`); for each, its message id or the error it ended with.
+
+        Each message is retried on its own after a lost connection or a nack, as a single publish is,
+        until ``publish_timeout`` (counted once for the whole set)."""
         deadline = time.monotonic() + self._settings.publish_timeout
-        nacks = 0
-        while True:
+        results: dict[int, str | TransportError] = {}
+        nacks = dict.fromkeys(range(len(outbounds)), 0)
+        pending = list(range(len(outbounds)))
+        while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                bound.warning("publish_failed", reason="timeout")
-                raise PublishFailed(f"no confirm within {self._settings.publish_timeout} s")
+                for i in pending:
+                    self._bound(outbounds[i]).warning("publish_failed", reason="timeout")
+                    results[i] = PublishFailed(f"no confirm within {self._settings.publish_timeout} s")
+                break
             if not self._connected.wait(min(remaining, 0.5)):
                 self._check_open()
                 continue
@@ -156,131 +210,192 @@ class _Publisher(_Link):
                 conn, generation = self._conn, self._generation
                 if conn is None:
                     continue
-                request = _PublishRequest(
-                    self._exchange,
-                    routing_key,
-                    chunks,
-                    message_type,
-                    message_id,
-                    app_headers,
-                    extra,
-                    generation,
-                    dict(recipients or {}),
-                )
-                self._inflight.add(request)
+                requests = [_PublishRequest(self._exchange, outbounds[i], generation) for i in pending]
+                self._inflight.update(requests)
             try:
-                conn.add_callback_threadsafe(functools.partial(self._do_publish, request))
-                finished = request.done.wait(max(0.0, deadline - time.monotonic()))
+                conn.add_callback_threadsafe(functools.partial(self._do_publish, requests))
+                for request in requests:
+                    request.done.wait(max(0.0, deadline - time.monotonic()))
             except (pika.exceptions.AMQPError, RuntimeError, AttributeError) as exc:
-                request.error, finished = _ConnectionLost(_describe(exc)), True
+                for request in requests:
+                    if not request.done.is_set():
+                        request.error = _ConnectionLost(_describe(exc))
+                        request.done.set()
             finally:
                 with self._lock:
-                    self._inflight.discard(request)
-            if not finished:
-                request.cancelled = True
-                continue  # the deadline check above raises
-            error = request.error
-            if error is None and request.missing:
-                missing = tuple(request.missing)
-                bound.warning("publish_failed", reason="inbox_missing", undelivered=list(missing))
-                raise PublishFailed(_undelivered_reason(missing), undelivered=missing)
-            if error is None:
-                bound.debug("message_published", size=len(body), chunks=len(chunks))
-                return message_id
-            if isinstance(error, _ConnectionLost):
-                bound.info("publish_retry_after_connection_loss", error=str(error))
-                continue
+                    self._inflight.difference_update(requests)
+            retry: list[int] = []
+            pause = 0.0
+            for i, request in zip(pending, requests, strict=True):
+                if not request.done.is_set():
+                    request.cancelled = True
+                    retry.append(i)  # the deadline check above ends it
+                    continue
+                outcome = self._outcome(request, nacks, i)
+                if outcome is None:
+                    retry.append(i)
+                elif isinstance(outcome, float):
+                    retry.append(i)
+                    pause = max(pause, outcome)
+                else:
+                    results[i] = outcome
+            pending = retry
+            if pause:
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        return [results[i] for i in range(len(outbounds))]
+
+    def _bound(self, outbound: _Outbound) -> Any:
+        bound = self._log.bind(
+            routing_key=outbound.routing_key,
+            message_id=outbound.message_id,
+            message_type=outbound.message_type,
+        )
+        if BCC_HEADER in outbound.broker_headers:
+            bound = bound.bind(recipients=len(outbound.broker_headers[BCC_HEADER]))
+        return bound
+
+    def _outcome(
+        self, request: _PublishRequest, nacks: dict[int, int], index: int
+    ) -> str | TransportError | float | None:
+        """What a settled request means: its message id, a final error, ``None`` to retry at once, or
+        the seconds to wait before retrying (after a nack)."""
+        outbound = request.outbound
+        bound = self._bound(outbound)
+        error = request.error
+        if error is None and request.missing:
+            missing = tuple(request.missing)
+            bound.warning("publish_failed", reason="inbox_missing", undelivered=list(missing))
+            return PublishFailed(_undelivered_reason(missing), undelivered=missing)
+        if error is None:
+            bound.debug("message_published", size=outbound.size, chunks=len(outbound.chunks))
+            return outbound.message_id
+        if isinstance(error, _ConnectionLost):
+            bound.info("publish_retry_after_connection_loss", error=str(error))
+            return None
+        if isinstance(error, pika.exceptions.ChannelClosedByBroker):
+            bound.warning("publish_refused", reply_code=error.reply_code, reply_text=error.reply_text)
+            refused = PublishRefused(error.reply_code, error.reply_text)
+            refused.__cause__ = error
+            return refused
+        if isinstance(error, pika.exceptions.UnroutableError):
+            if outbound.recipients:  # a multi-recipient publish that reached none of them
+                missing = tuple(outbound.recipients.values())
+                bound.warning("publish_failed", reason="unroutable", undelivered=list(missing))
+                return PublishFailed(_undelivered_reason(missing), undelivered=missing, unroutable=True)
+            bound.warning("publish_failed", reason="unroutable")
+            keys = repr(outbound.routing_key)
+            if BCC_HEADER in outbound.broker_headers:
+                keys += f" or its {BCC_HEADER} keys"
+            return PublishFailed(f"unroutable: no queue is bound for routing key {keys}", unroutable=True)
+        if isinstance(error, pika.exceptions.NackError):
+            nacks[index] += 1
+            if nacks[index] >= self._settings.publish_attempts:
+                bound.warning("publish_failed", reason="nacked", attempts=nacks[index])
+                return PublishFailed(f"the broker nacked the message {nacks[index]} times")
+            delay = self._settings.connection.reconnect.delay(nacks[index] - 1, self._rng)
+            bound.info("publish_nacked_retrying", attempt=nacks[index], delay=round(delay, 3))
+            return float(delay) or 1e-6
+        bound.warning("publish_failed", reason="unexpected", error=_describe(error))
+        return PublishFailed(f"unexpected publish error: {_describe(error)}")
+
+    # ------------------------------------------------------------------ I/O thread
+
+    def _do_publish(self, requests: list[_PublishRequest]) -> None:
+        """I/O thread: hand every request's chunks to the channel's confirm tracker without waiting; each
+        request is done when its confirms are in (:meth:`_on_settled`)."""
+        for request in requests:
+            try:
+                tracker = self._confirms
+                if request.cancelled:
+                    request.done.set()
+                    continue
+                if request.generation != self._generation or tracker is None or not tracker.channel.is_open:
+                    request.error = _ConnectionLost("connection replaced before publishing")
+                    request.done.set()
+                    continue
+                tracker.send(self._flight(request))
+            except Exception as exc:  # never let a bug kill the I/O loop silently
+                request.error = request.error or exc
+                request.done.set()
+
+    def _flight(self, request: _PublishRequest) -> Flight:
+        outbound = request.outbound
+        total = len(outbound.chunks)
+        chunks: list[tuple[bytes, pika.BasicProperties]] = []
+        for index, chunk in enumerate(outbound.chunks):
+            headers = dict(outbound.headers)
+            headers.update(outbound.broker_headers)
+            if total > 1:
+                headers[HEADER_MESSAGE_ID] = outbound.message_id
+                headers[HEADER_CHUNK] = index
+                headers[HEADER_CHUNKS] = total
+            properties = pika.BasicProperties(
+                content_type="application/octet-stream",
+                delivery_mode=pika.DeliveryMode.Persistent,
+                user_id=self.user,
+                type=outbound.message_type,
+                message_id=outbound.message_id,
+                timestamp=int(time.time()),
+                app_id="tessera",
+                headers=headers or None,
+            )
+            chunks.append((chunk, properties))
+        return Flight(
+            outbound.message_id,
+            request.exchange,
+            outbound.routing_key,
+            chunks,
+            on_settled=self._on_settled,
+            context=request,
+        )
+
+    def _on_settled(self, flight: Flight) -> None:
+        """I/O thread, from the confirm tracker: the broker has answered for every chunk (or the channel
+        closed). A multi-recipient message is then checked for missing inboxes, outside pika's callback
+        (the check may open channels, which waits for the broker)."""
+        request: _PublishRequest = flight.context
+        if flight.error is not None:
+            error = flight.error
             if isinstance(error, pika.exceptions.ChannelClosedByBroker):
-                bound.warning("publish_refused", reply_code=error.reply_code, reply_text=error.reply_text)
-                raise PublishRefused(error.reply_code, error.reply_text) from error
-            if isinstance(error, pika.exceptions.UnroutableError):
-                if request.recipients:  # a multi-recipient publish that reached none of them
-                    missing = tuple(request.recipients.values())
-                    bound.warning("publish_failed", reason="unroutable", undelivered=list(missing))
-                    raise PublishFailed(
-                        _undelivered_reason(missing), undelivered=missing, unroutable=True
-                    ) from error
-                bound.warning("publish_failed", reason="unroutable")
-                keys = repr(routing_key) + (f" or its {BCC_HEADER} keys" if BCC_HEADER in extra else "")
-                raise PublishFailed(
-                    f"unroutable: no queue is bound for routing key {keys}", unroutable=True
-                ) from error
-            if isinstance(error, pika.exceptions.NackError):
-                nacks += 1
-                if nacks >= self._settings.publish_attempts:
-                    bound.warning("publish_failed", reason="nacked", attempts=nacks)
-                    raise PublishFailed(f"the broker nacked the message {nacks} times") from error
-                delay = self._settings.connection.reconnect.delay(nacks - 1, self._rng)
-                bound.info("publish_nacked_retrying", attempt=nacks, delay=round(delay, 3))
-                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                continue
-            bound.warning("publish_failed", reason="unexpected", error=_describe(error))
-            raise PublishFailed(f"unexpected publish error: {_describe(error)}") from error
-
-    def _do_publish(self, request: _PublishRequest) -> None:
-        """I/O thread: publish every chunk on the confirm channel (each call waits for its confirm)."""
-        try:
-            channel = self._publish_ch
-            if request.cancelled:
-                return
-            if request.generation != self._generation or channel is None or not channel.is_open:
-                request.error = _ConnectionLost("connection replaced before publishing")
-                return
-            total = len(request.chunks)
-            for index, chunk in enumerate(request.chunks):
-                headers = dict(request.headers)
-                headers.update(request.broker_headers)
-                if total > 1:
-                    headers[HEADER_MESSAGE_ID] = request.message_id
-                    headers[HEADER_CHUNK] = index
-                    headers[HEADER_CHUNKS] = total
-                properties = pika.BasicProperties(
-                    content_type="application/octet-stream",
-                    delivery_mode=pika.DeliveryMode.Persistent,
-                    user_id=self.user,
-                    type=request.message_type,
-                    message_id=request.message_id,
-                    timestamp=int(time.time()),
-                    app_id="tessera",
-                    headers=headers or None,
-                )
-                channel.basic_publish(
-                    request.exchange, request.routing_key, chunk, properties=properties, mandatory=True
-                )
-            # After the last confirm: an inbox missing now was missing when (some chunk of) the message
-            # was routed, as only this thread re-declares inboxes (on a new connection).
-            request.missing = [
-                org for inbox, org in request.recipients.items() if not self._queue_exists(inbox)
-            ]
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            request.error = exc
-            self._reopen_publish_channel()
-        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
-            request.error = exc
-        except (pika.exceptions.AMQPError, OSError) as exc:
-            request.error = _ConnectionLost(_describe(exc))
-        except Exception as exc:  # never let a bug kill the I/O loop silently
-            request.error = exc
-        finally:
-            request.done.set()
-
-    def _queue_exists(self, name: str) -> bool:
-        """I/O thread: a passive declare; the broker closes the channel on a 404, so it is reopened."""
-        channel = self._probe_ch
-        if channel is None or not channel.is_open:
+                request.error = error  # the I/O loop opens a new publishing channel
+            else:
+                request.error = _ConnectionLost(_describe(error))
+        elif flight.nacked:
+            request.error = pika.exceptions.NackError([])
+        elif flight.returned:
+            request.error = pika.exceptions.UnroutableError([])
+        elif request.outbound.recipients:
             with self._lock:
                 conn = self._conn
-            if conn is None or not conn.is_open:
-                raise _ConnectionLost("no connection for the inbox check")
-            channel = self._probe_ch = conn.channel()
+            if conn is not None:
+                conn.add_callback_threadsafe(functools.partial(self._check_recipients, request))
+                return
+            request.error = _ConnectionLost("connection closed before the inbox check")
+        request.done.set()
+
+    def _check_recipients(self, request: _PublishRequest) -> None:
+        """I/O thread: which recipients' inboxes are missing, all asked at once
+        (:mod:`tessera.transport.inbox_probe`). One missing now was missing when the message was routed,
+        as only this thread re-declares inboxes, on a new connection (and then this is a retry)."""
+        probe = self._probe
+        if request.generation != self._generation or probe is None:
+            request.error = _ConnectionLost("connection replaced before the inbox check")
+            request.done.set()
+            return
+        queues = request.outbound.recipients
+
+        def checked(result: ProbeResult) -> None:
+            if isinstance(result, BaseException):
+                request.error = _ConnectionLost(f"inbox check failed: {_describe(result)}")
+            else:
+                request.missing = [queues[name] for name in result]
+            request.done.set()
+
         try:
-            channel.queue_declare(name, passive=True)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            self._probe_ch = None
-            if exc.reply_code != NOT_FOUND:
-                raise _ConnectionLost(f"inbox check of {name!r} failed: {_describe(exc)}") from exc
-            return False
-        return True
+            probe.check(list(queues), checked)
+        except Exception as exc:  # never let a bug kill the I/O loop silently
+            request.error = request.error or exc
+            request.done.set()
 
     def _reopen_publish_channel(self) -> None:
         with self._lock:
@@ -289,7 +404,7 @@ class _Publisher(_Link):
             return
         try:
             channel = conn.channel()
-            channel.confirm_delivery()
+            self._confirms = ConfirmTracker(channel)
             self._publish_ch = channel
         except pika.exceptions.AMQPError as exc:
             self._log.warning("publish_channel_reopen_failed", error=_describe(exc))
