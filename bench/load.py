@@ -385,6 +385,7 @@ class Load:
             model=ModelSpec(name="mlp", kwargs={"synthetic_parameters": self.args.params}),
             model_fingerprint="0" * 64,
             layout=protocol.LayoutHeader.of(layout),
+            roster_fingerprint="0" * 64,  # synthetic participants check nothing but the layout
         )
         phases: dict[str, float] = {}
         t0 = mark = time.perf_counter()

@@ -17,7 +17,8 @@ harness, on the same broker topology, with the same round message:
   one :class:`~tessera.secagg.participant.ParticipantSession` per participant, every message in the secagg
   wire format inside :class:`tessera.protocol.SecAgg` framing, one confirmed publish per message (a message
   for several participants goes out once, routing key ``to.selected`` with their keys in the ``BCC``
-  header), all of one protocol step's messages in one ``send_each`` so that their confirms overlap; each participant masks its input right after sending its shares
+  header), all of one protocol step's messages in one ``send_each`` so that their confirms overlap; each
+  participant masks its input right after sending its shares
   (:meth:`~tessera.secagg.participant.ParticipantSession.prepare_masked_input`, as the service does) unless
   ``--mask-ahead off``; then the curator decodes the average from the ring sum.
 
