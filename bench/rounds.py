@@ -29,7 +29,8 @@ publishes in one round, framing included), ``max_abs_error`` of the new global w
 float64 weighted mean (recomputed outside the timed section), and where the time goes: the curator's time
 blocked waiting for messages vs. handling them vs. publishing (``curator_s_median``), each step of the
 slowest participant in wall and CPU seconds (``participant_slowest_s_median``), the CPU of each step summed
-over all participants (``participants_cpu_sum_s_median``) and the CPU seconds per round of the curator
+over all participants (``participants_cpu_sum_s_median``; ``thread_main_cpu`` and ``thread_io_cpu`` are all
+of a participant's main thread, steps included, and all of its transport's I/O thread) and the CPU seconds per round of the curator
 process, all participant processes and the local broker (``cpu_s_per_round_median``). ``--profile`` adds a
 cProfile of the curator's timed rounds on stderr.
 
@@ -167,6 +168,17 @@ def participant_main(job: ParticipantJob, started: Any, results: Any) -> None:
         curator_user=job.curator_user,
     ).start()
     started.put(job.organisation)
+    # Where the rest of a participant's CPU goes: its main thread (the steps below, plus decoding, waiting
+    # and handing messages over) and the transport's I/O thread (pika: frames, acks, publishes).
+    io_clock = time.pthread_getcpuclockid(transport._thread.ident)  # type: ignore[union-attr]
+    marks = [time.thread_time(), time.clock_gettime(io_clock)]
+
+    def thread_cpu(into: dict[str, float]) -> None:
+        now = [time.thread_time(), time.clock_gettime(io_clock)]
+        into["thread_main_cpu"] = now[0] - marks[0]
+        into["thread_io_cpu"] = now[1] - marks[1]
+        marks[:] = now
+
     rng = np.random.default_rng([job.seed, index, 999])
     per_round: list[dict[str, float]] = []
     stats: dict[str, float] = defaultdict(float)
@@ -196,6 +208,7 @@ def participant_main(job: ParticipantJob, started: Any, results: Any) -> None:
                 transport.ack(delivery)
                 break
             if isinstance(header, protocol.RoundAnnouncement) and stats:
+                thread_cpu(stats)
                 per_round.append(dict(stats))  # the previous round is over
                 stats = defaultdict(float)
             stats["bytes_down"] += len(delivery.body)
@@ -260,6 +273,7 @@ def participant_main(job: ParticipantJob, started: Any, results: Any) -> None:
                     step("mask_ahead", t0, c0)
             transport.ack(delivery)
         if stats:
+            thread_cpu(stats)
             per_round.append(dict(stats))
         results.put((job.organisation, per_round))
     finally:
