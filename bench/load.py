@@ -366,14 +366,13 @@ class Load:
 
     def attempt(self, r: int, attempt: int, layout: Any, awaited: set[str]) -> dict[str, Any]:
         from tessera import protocol
-        from tessera.bus import Envelope
+        from tessera.envelope import secagg_envelopes
         from tessera.errors import ProtocolError
         from tessera.models import ModelSpec
         from tessera.secagg.config import AggregationConfig, Graph, SessionIds, default_threshold
         from tessera.secagg.curator import CuratorSession, PhaseTimeouts
         from tessera.secagg.wire import WireLimits
         from tessera.secagg.wire import decode as decode_secagg
-        from tessera.secagg.wire import encode as encode_secagg
 
         limits = WireLimits(max_participants=self.n, vector_length=layout.length, ring_bits=32)
         aggregation = f"r{r}a{attempt}-{secrets.token_hex(4)}"
@@ -427,18 +426,7 @@ class Load:
         def send(outgoing: list[Any]) -> None:
             # As the curator service does: all of one step's messages in one send_each (their confirms
             # overlap), one publish per message (several recipients: to.selected with BCC).
-            envelopes = [
-                Envelope(
-                    tuple(self.roster.organisation_of(i) for i in item.recipients),
-                    protocol.encode(protocol.SecAgg(federation=self.federation), encode_secagg(item.message)),
-                    "secagg",
-                    fan_out=len(item.recipients) > 1,
-                )
-                for item in outgoing
-                if item.recipients
-            ]
-            if envelopes:
-                self.transport.send_each(envelopes)
+            self.transport.send_each(secagg_envelopes(self.federation, outgoing, self.roster.organisation_of))
 
         phase = session.phase.value
         late = 0

@@ -480,12 +480,11 @@ class Harness:
 
     def secure_round(self, round_number: int) -> CuratorClock:
         from tessera import protocol
-        from tessera.bus import Envelope
+        from tessera.envelope import secagg_envelopes
         from tessera.secagg.config import AggregationConfig, Graph, SessionIds, default_threshold
         from tessera.secagg.curator import CuratorSession, PhaseTimeouts
         from tessera.secagg.wire import WireLimits
         from tessera.secagg.wire import decode as decode_secagg
-        from tessera.secagg.wire import encode as encode_secagg
 
         layout = self._layout
         limits = WireLimits(max_participants=self.n, vector_length=layout.length, ring_bits=32)
@@ -524,22 +523,12 @@ class Harness:
 
         def send(outgoing: list[Any]) -> None:
             t0 = time.perf_counter()
-            envelopes = [
-                Envelope(
-                    tuple(self.roster.organisation_of(index) for index in item.recipients),
-                    protocol.encode(protocol.SecAgg(federation=self.federation), encode_secagg(item.message)),
-                    "secagg",
-                    fan_out=len(item.recipients) > 1,
-                )
-                for item in outgoing
-                if item.recipients
-            ]
+            envelopes = secagg_envelopes(self.federation, outgoing, self.roster.organisation_of)
             t1 = time.perf_counter()
             clock.handling_s += t1 - t0
-            # As tessera.curator.rounds does: all of one step's messages in one send_each (their confirms
+            # As the curator service does: all of one step's messages in one send_each (their confirms
             # overlap), one publish per message (to several organisations with the BCC header).
-            if envelopes:
-                self.transport.send_each(envelopes)
+            self.transport.send_each(envelopes)
             clock.publishing_s += time.perf_counter() - t1
 
         phase = session.phase.value

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import structlog
 from tessera import protocol
-from tessera.envelope import seal_secagg
+from tessera.envelope import secagg_envelopes
 from tessera.errors import Misbehaviour, ProtocolError
 from tessera.observability import CuratorMetricsSink
 from tessera.roster import RosterFile
@@ -125,15 +125,7 @@ class AggregationDriver:
 
     def _send(self, outgoing: list[Outgoing]) -> None:
         # All of one step's messages at once (the share phase forwards a different one to each holder).
-        self._inbox.send_all(
-            [
-                (
-                    [self._roster.organisation_of(index) for index in item.recipients],
-                    seal_secagg(self._federation, item.message),
-                )
-                for item in outgoing
-            ]
-        )
+        self._inbox.send_all(secagg_envelopes(self._federation, outgoing, self._roster.organisation_of))
 
     def _record_phases(self, outcome: AggregationOutcome, session: CuratorSession, started: float) -> float:
         """Record the phases that closed since ``started``; returns when this happened."""

@@ -79,19 +79,10 @@ class CuratorInbox:
         )
         self._bus.ack(arrival.delivery)
 
-    def send(self, organisations: Sequence[str], sealed: Sealed) -> None:
-        """One message, as :meth:`send_all` sends each."""
-        self.send_all([(organisations, sealed)])
-
-    def send_all(self, messages: Sequence[tuple[Sequence[str], Sealed]]) -> None:
+    def send_all(self, envelopes: Sequence[Envelope]) -> None:
         """Send every message at once (the broker's confirms overlap) and wait for all. One publish per
         message, however many recipients: the same body to several organisations goes out once (the broker
         copies it to each inbox, without telling anyone the others)."""
-        envelopes = [
-            Envelope(tuple(organisations), sealed.body, sealed.message_type, fan_out=len(organisations) > 1)
-            for organisations, sealed in messages
-            if organisations
-        ]
         if not envelopes:
             return
         # A failure other than a missing inbox (no confirm at all) is raised: the curator stops and resumes

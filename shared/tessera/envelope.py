@@ -17,13 +17,14 @@ Nothing here raises for untrusted input except :class:`~tessera.errors.ProtocolE
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from tessera import protocol
-from tessera.bus import Received
+from tessera.bus import Envelope, Received
 from tessera.errors import ProtocolError
 from tessera.secagg import wire
+from tessera.secagg.curator import Outgoing
 from tessera.secagg.messages import Message
 from tessera.secagg.wire import WireLimits
 
@@ -54,6 +55,21 @@ def seal(header: protocol.Header, payload: bytes = b"") -> Sealed:
 def seal_secagg(federation: str, message: Message) -> Sealed:
     """A secure-aggregation message inside its federation envelope."""
     return seal(protocol.SecAgg(federation=federation), wire.encode(message))
+
+
+def secagg_envelopes(
+    federation: str, outgoing: Iterable[Outgoing], organisation_of: Callable[[int], str]
+) -> list[Envelope]:
+    """One protocol step's messages as bus envelopes, one per message (none for a message to nobody); the bus
+    sends a message for several organisations as one publish to all of them."""
+    envelopes = []
+    for item in outgoing:
+        if not item.recipients:
+            continue
+        sealed = seal_secagg(federation, item.message)
+        recipients = tuple(organisation_of(index) for index in item.recipients)
+        envelopes.append(Envelope(recipients, sealed.body, sealed.message_type))
+    return envelopes
 
 
 @dataclass(frozen=True)
@@ -98,4 +114,13 @@ def admit(
     return Admitted(delivery.sender, header, payload)
 
 
-__all__ = ["MESSAGE_TYPES", "Admitted", "Refused", "Sealed", "admit", "seal", "seal_secagg"]
+__all__ = [
+    "MESSAGE_TYPES",
+    "Admitted",
+    "Refused",
+    "Sealed",
+    "admit",
+    "seal",
+    "seal_secagg",
+    "secagg_envelopes",
+]

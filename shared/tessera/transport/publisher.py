@@ -120,23 +120,11 @@ class _Publisher(_Link):
         message_type: str,
         headers: Mapping[str, Any] | None,
         message_id: str | None,
-        broker_headers: Mapping[str, Any] | None = None,
-        recipients: Mapping[str, str] | None = None,
     ) -> str:
-        """Publish and wait for the broker's confirm; returns the message id. See the module docstring.
-
-        ``broker_headers`` (the transport's own, such as ``BCC``) go on every chunk besides the
-        application's ``headers``, which may not use their names. ``recipients`` (inbox → organisation)
-        are the inboxes a multi-recipient publish must reach: :class:`PublishFailed` with ``undelivered``
-        if some do not exist."""
+        """Publish one message and wait for the broker's confirm; returns the message id. See the module
+        docstring."""
         outbound = self._outbound(
-            routing_key,
-            body,
-            message_type=message_type,
-            headers=headers,
-            message_id=message_id,
-            broker_headers=broker_headers,
-            recipients=recipients,
+            routing_key, body, message_type=message_type, headers=headers, message_id=message_id
         )
         (result,) = self._publish_all([outbound])
         if isinstance(result, BaseException):
@@ -154,7 +142,12 @@ class _Publisher(_Link):
         broker_headers: Mapping[str, Any] | None = None,
         recipients: Mapping[str, str] | None = None,
     ) -> _Outbound:
-        """Check one message (:class:`LocalUsageError` if it cannot be sent) and split it into chunks."""
+        """Check one message (:class:`LocalUsageError` if it cannot be sent) and split it into chunks.
+
+        ``broker_headers`` (the transport's own, such as ``BCC``) go on every chunk besides the
+        application's ``headers``, which may not use their names. ``recipients`` (inbox → organisation)
+        are the inboxes a multi-recipient publish must reach: :class:`PublishFailed` with ``undelivered``
+        if some do not exist."""
         self._check_open()
         if not isinstance(body, bytes | bytearray | memoryview):
             raise LocalUsageError("the body must be bytes")
@@ -232,9 +225,7 @@ class _Publisher(_Link):
                     retry.append(i)  # the deadline check above ends it
                     continue
                 outcome = self._outcome(request, nacks, i)
-                if outcome is None:
-                    retry.append(i)
-                elif isinstance(outcome, float):
+                if isinstance(outcome, float):
                     retry.append(i)
                     pause = max(pause, outcome)
                 else:
@@ -256,9 +247,9 @@ class _Publisher(_Link):
 
     def _outcome(
         self, request: _PublishRequest, nacks: dict[int, int], index: int
-    ) -> str | TransportError | float | None:
-        """What a settled request means: its message id, a final error, ``None`` to retry at once, or
-        the seconds to wait before retrying (after a nack)."""
+    ) -> str | TransportError | float:
+        """What a settled request means: its message id, a final error, or the seconds to wait before
+        publishing it again (0 after a lost connection, a backoff after a nack)."""
         outbound = request.outbound
         bound = self._bound(outbound)
         error = request.error
@@ -271,7 +262,7 @@ class _Publisher(_Link):
             return outbound.message_id
         if isinstance(error, _ConnectionLost):
             bound.info("publish_retry_after_connection_loss", error=str(error))
-            return None
+            return 0.0
         if isinstance(error, pika.exceptions.ChannelClosedByBroker):
             bound.warning("publish_refused", reply_code=error.reply_code, reply_text=error.reply_text)
             refused = PublishRefused(error.reply_code, error.reply_text)
@@ -294,7 +285,7 @@ class _Publisher(_Link):
                 return PublishFailed(f"the broker nacked the message {nacks[index]} times")
             delay = self._settings.connection.reconnect.delay(nacks[index] - 1, self._rng)
             bound.info("publish_nacked_retrying", attempt=nacks[index], delay=round(delay, 3))
-            return float(delay) or 1e-6
+            return float(delay)
         bound.warning("publish_failed", reason="unexpected", error=_describe(error))
         return PublishFailed(f"unexpected publish error: {_describe(error)}")
 
